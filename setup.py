@@ -1,0 +1,30 @@
+"""Packaging for sna: the daemon package plus its twistd plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sna",
+    version="1.4.0",
+    description="Sendense Node Appliance control daemon",
+    python_requires=">=3.11",
+    # twisted/plugins has no __init__.py (Twisted's own must not be shadowed),
+    # so find_packages() cannot see it: it is listed by hand.
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks"]) + ["twisted.plugins"],
+    package_data={"sna": ["py.typed"]},
+    install_requires=[
+        "twisted>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+            "ruff>=0.6",
+        ],
+    },
+)
