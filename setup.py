@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     # twisted/plugins has no __init__.py (Twisted's own must not be shadowed),
     # so find_packages() cannot see it: it is listed by hand.
-    packages=find_packages(exclude=["tests", "tests.*", "benchmarks"]) + ["twisted.plugins"],
+    packages=[*find_packages(exclude=["tests", "tests.*", "benchmarks"]), "twisted.plugins"],
     package_data={"sna": ["py.typed"]},
     install_requires=[
         "twisted>=24.7",

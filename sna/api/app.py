@@ -1,0 +1,227 @@
+"""The ``/api/v1`` routes.
+
+:class:`SnaAPI` is a Klein app with its dependencies passed in: the job
+manager, a clock for uptime, and the version.  Every answer is JSON; every
+error is ``{"error": code, "message": text}`` with the status the Go SNA's
+callers expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from sna import __version__
+from sna.api import render
+from sna.api.http import ApiError, json_response, read_json_object
+from sna.api.validation import check_job_id, parse_backup_request, parse_progress_update
+from sna.config import ConfigError
+from sna.jobs.manager import (
+    AtCapacity,
+    JobConflict,
+    JobError,
+    JobManager,
+    ShuttingDown,
+    UnknownJob,
+)
+from sna.jobs.model import JobStatus
+from sna.sbc.process import ClientUnavailable
+
+_JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
+    (UnknownJob, 404),
+    (JobConflict, 409),
+    (AtCapacity, 503),
+    (ShuttingDown, 503),
+]
+
+
+def _format_uptime(seconds: float) -> str:
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}h{minutes}m{secs}s"
+    return f"{days}d{text}" if days else text
+
+
+class SnaAPI:
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        manager: JobManager,
+        now: Callable[[], datetime],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._manager = manager
+        self._now = now
+        self._monotonic = monotonic
+        self._started = monotonic()
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    # -- errors ---------------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, ApiError)
+        return json_response(request, error.body(), error.status)
+
+    @app.handle_errors(JobError)
+    def _job_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, JobError)
+        status = next(code for kind, code in _JOB_ERROR_STATUS if isinstance(error, kind))
+        return json_response(request, {"error": error.code, "message": error.message}, status)
+
+    @app.handle_errors(ClientUnavailable)
+    def _client_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.error("cannot start the backup client: {reason}", reason=str(failure.value))
+        body = {"error": "backup_client_unavailable", "message": str(failure.value)}
+        return json_response(request, body, 500)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode("latin-1")
+        return json_response(request, {"error": "not_found", "message": f"no route {path}"}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
+        method = request.method.decode("latin-1")
+        path = request.path.decode("latin-1")
+        body = {"error": "method_not_allowed", "message": f"{method} is not allowed on {path}"}
+        return json_response(request, body, 405)
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        code = error.code or 500
+        body = {
+            "error": (error.name or "error").lower().replace(" ", "_"),
+            "message": error.description or "",
+        }
+        return json_response(request, body, code)
+
+    @app.handle_errors(Exception)
+    def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("unhandled error answering {path}", failure, path=request.path)
+        body = {"error": "internal_error", "message": "internal error; see the sna log"}
+        return json_response(request, body, 500)
+
+    # -- backups --------------------------------------------------------
+
+    @app.route("/api/v1/backup/start", methods=["POST"])
+    def backup_start(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        backup = parse_backup_request(body, self._manager.settings)
+        job = self._manager.start(backup)
+        answer = {
+            "job_id": job.job_id,
+            "status": "started",
+            "message": f"Backup started for {job.vm_name}",
+            "started_at": render.timestamp_seconds(job.started_at),
+            "pid": job.pid,
+        }
+        return json_response(request, answer)
+
+    @app.route("/api/v1/status/<job_id>", methods=["GET"])
+    def status(self, request: IRequest, job_id: str) -> bytes:
+        return json_response(request, render.status(self._manager.get(job_id)))
+
+    @app.route("/api/v1/jobs", methods=["GET"])
+    def jobs(self, request: IRequest) -> bytes:
+        wanted = request.args.get(b"status", [])
+        statuses = set()
+        for value in wanted:
+            try:
+                statuses.add(JobStatus(value.decode("utf-8", "replace")))
+            except ValueError:
+                known = ", ".join(s.value for s in JobStatus)
+                raise ApiError(
+                    400, "invalid_request", f"status must be one of: {known}", field="status"
+                ) from None
+        jobs = [j for j in self._manager.jobs() if not statuses or j.status in statuses]
+        jobs.sort(key=lambda j: j.started_at, reverse=True)
+        return json_response(
+            request, {"jobs": [render.status(j) for j in jobs], "count": len(jobs)}
+        )
+
+    @app.route("/api/v1/jobs/<job_id>/status", methods=["GET"])
+    def sha_job_status(self, request: IRequest, job_id: str) -> bytes:
+        return json_response(request, render.sha_job_status(self._manager.get(job_id)))
+
+    @app.route("/api/v1/jobs/<job_id>/cancel", methods=["POST"])
+    def cancel(self, request: IRequest, job_id: str) -> bytes:
+        job = self._manager.cancel(job_id)
+        body = {
+            "job_id": job.job_id,
+            "status": "cancelling",
+            "message": f"Cancel requested; the backup client (pid {job.pid}) is being stopped",
+        }
+        return json_response(request, body, 202)
+
+    # -- the Go client's progress ----------------------------------------
+
+    @app.route("/api/v1/progress/<job_id>", methods=["GET"])
+    def progress(self, request: IRequest, job_id: str) -> bytes:
+        return json_response(request, render.progress(self._manager.get(job_id), self._now()))
+
+    @app.route("/api/v1/progress/<job_id>/update", methods=["POST"])
+    def progress_update(self, request: IRequest, job_id: str) -> bytes:
+        check_job_id(job_id)
+        body = read_json_object(request)
+        job = self._manager.get(job_id)
+        push = parse_progress_update(body, job.pushed)
+        self._manager.push_progress(job_id, push)
+        return json_response(request, {"job_id": job_id, "status": "success"})
+
+    # -- the daemon -----------------------------------------------------
+
+    @app.route("/api/v1/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        uptime = self._monotonic() - self._started
+        counts = self._manager.counts()
+        body = {
+            "status": "healthy",
+            "version": __version__,
+            "timestamp": render.timestamp_seconds(self._now()),
+            "uptime": _format_uptime(uptime),
+            "uptime_seconds": round(uptime, 3),
+            "jobs": counts,
+            "running_jobs": counts[JobStatus.RUNNING.value],
+            "max_jobs": self._manager.settings.max_jobs,
+        }
+        return json_response(request, body)
+
+    @app.route("/api/v1/config", methods=["GET"])
+    def get_config(self, request: IRequest) -> bytes:
+        return json_response(request, {"config": self._manager.settings.to_json()})
+
+    @app.route("/api/v1/config", methods=["PUT"])
+    def put_config(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        if not body:
+            raise ApiError(400, "invalid_request", "no configuration keys given")
+        try:
+            settings = self._manager.configure(body)
+        except ConfigError as e:
+            raise ApiError(400, "invalid_config", e.message, field=e.key) from None
+        answer: dict[str, Any] = {
+            "status": "success",
+            "message": "Configuration updated successfully",
+            "config": settings.to_json(),
+        }
+        return json_response(request, answer)

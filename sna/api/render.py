@@ -1,0 +1,191 @@
+"""Job records as the JSON the SHA and operators read.
+
+``status`` is our own shape (a superset of the Go SNA's ``/status``);
+``sha_job_status`` is what the SHA's phantom-job detector reads; ``progress``
+is the Go SNA's ``/progress`` shape, field for field.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Optional
+
+from sna.jobs.model import DiskState, Job, JobStatus
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+def timestamp(value: Optional[datetime]) -> Optional[str]:
+    """RFC 3339 in UTC with milliseconds, ``Z``-suffixed."""
+    if value is None:
+        return None
+    text = value.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def timestamp_seconds(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def disk(d: DiskState) -> dict[str, Any]:
+    return {
+        "disk_key": d.disk_key,
+        "export": d.export,
+        "nbd_port": d.port,
+        "status": d.status,
+        "sync_type": d.sync_type,
+        "sync_reason": d.sync_reason,
+        "bytes_done": d.bytes_done,
+        "bytes_total": d.bytes_total,
+        "change_id": d.change_id,
+    }
+
+
+def status(job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "status": job.status.value,
+        "progress_percent": job.progress_percent,
+        "current_operation": job.current_operation,
+        "start_time": timestamp(job.started_at),
+        "last_update": timestamp(job.last_update),
+        "vm_path": job.vm_path,
+        "vm_name": job.vm_name,
+        "backup_type": job.backup_type,
+        "phase": job.phase,
+        "pid": job.pid,
+        "end_time": timestamp(job.ended_at),
+        "exit_code": job.exit_code,
+        "exit_signal": job.exit_signal,
+        "error": job.error,
+        "bytes_done": job.bytes_done,
+        "bytes_total": job.bytes_total,
+        "throughput_bps": job.throughput_bps,
+        "disks": [disk(d) for d in job.disks],
+    }
+
+
+def sha_job_status(job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "status": job.status.value,
+        "last_update": timestamp(job.last_update),
+        "progress_data": {
+            "percent": job.progress_percent,
+            "bytes_transferred": job.bytes_done,
+            "current_operation": job.current_operation,
+        },
+        "exit_code": job.exit_code,
+        "error": job.error,
+    }
+
+
+# Our phases named as the SHA's MapVMAPhaseToStatus expects them.
+_PHASES = {
+    "starting": "Initializing",
+    "snapshot": "Snapshot Creation",
+    "transfer": "Copying Data",
+    "cleanup": "Cleanup",
+    "finishing": "Cleanup",
+    "completed": "Completed",
+    "failed": "Error",
+    "cancelled": "Error",
+    "interrupted": "Error",
+}
+
+
+def progress(job: Job, now: datetime) -> dict[str, Any]:
+    """The Go SNA's ``GET /progress/{id}`` body (the SHA's GUI proxy forwards it)."""
+    push = job.pushed
+    elapsed = max((((job.ended_at or now) - job.started_at).total_seconds()), 0.0)
+    done, total = job.bytes_done, job.bytes_total or 0
+    if job.status is JobStatus.RUNNING:
+        state = push.status if push is not None else "in_progress"
+        phase = push.stage if push is not None else _PHASES.get(job.phase, job.phase)
+        percent = push.percent if push is not None and not job.disks else job.progress_percent
+    else:
+        # The SHA knows only completed and failed as final states.
+        state = "completed" if job.status is JobStatus.COMPLETED else "failed"
+        phase = _PHASES.get(job.status.value, job.status.value)
+        percent = job.progress_percent
+    if not job.status.active:
+        throughput = 0.0
+    else:
+        throughput = job.throughput_bps or 0.0
+    average = done / elapsed if elapsed > 0 else 0.0
+    eta = 0
+    if job.status.active and throughput > 0 and total > done:
+        eta = min(int((total - done) / throughput), 86400)
+    sync_types = {d.sync_type for d in job.disks if d.sync_type}
+    if push is not None and push.sync_type:
+        sync_type = push.sync_type
+    elif sync_types:
+        sync_type = "incremental" if sync_types == {"incremental"} else "full"
+    else:
+        sync_type = ""
+    errors = []
+    if job.error:
+        errors.append(
+            {"message": job.error, "timestamp": timestamp(job.ended_at or job.last_update)}
+        )
+    started = timestamp_seconds(job.started_at)
+    last = timestamp_seconds(job.last_update)
+    elapsed_ms = int(elapsed * 1000)
+    body: dict[str, Any] = {
+        "job_id": job.job_id,
+        "status": state,
+        "job_status": job.status.value,
+        "sync_type": sync_type,
+        "phase": phase,
+        "percentage": percent,
+        "current_operation": job.current_operation,
+        "bytes_transferred": done,
+        "total_bytes": total,
+        "throughput": {
+            "current_mbps": throughput / MIB,
+            "average_mbps": average / MIB,
+            "peak_mbps": max(throughput, average) / MIB,
+            "last_update": last,
+        },
+        "timing": {
+            "start_time": started,
+            "last_update": last,
+            "elapsed_ms": elapsed_ms,
+            "phase_start": started,
+            "phase_elapsed_ms": elapsed_ms,
+            "eta_seconds": eta,
+        },
+        "vm_info": {
+            "name": job.vm_name,
+            "path": job.vm_path,
+            "disk_size_gb": total // GIB,
+            "disk_size_bytes": total,
+            "cbt_enabled": bool(sync_type),
+        },
+        "phases": [
+            {
+                "name": phase,
+                "status": state,
+                "start_time": started,
+                "end_time": timestamp_seconds(job.ended_at) if job.ended_at else "",
+                "duration_ms": elapsed_ms,
+            }
+        ],
+        "errors": errors,
+        "last_error": errors[-1] if errors else None,
+    }
+    if job.disks:
+        body["disk_progresses"] = [
+            {
+                "disk_id": d.disk_key,
+                "label": f"Disk {d.disk_key}",
+                "bytes_transferred": d.bytes_done,
+                "total_bytes": d.bytes_total or 0,
+                "percent": round(100.0 * d.bytes_done / d.bytes_total, 2) if d.bytes_total else 0.0,
+                "throughput_mbps": throughput / MIB if d.status == "running" else 0.0,
+                "status": d.status,
+            }
+            for d in job.disks
+        ]
+    return body

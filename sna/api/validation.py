@@ -1,0 +1,197 @@
+"""Checking request bodies, once, at the edge.
+
+Each parser takes the decoded JSON object and returns a frozen record or
+raises :class:`~sna.api.http.ApiError` naming the field and the reason, with
+the Go SNA's messages where it had one (``vm_name is required``).
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from sna.api.http import ApiError
+from sna.config import Settings, normalise_host
+from sna.jobs.model import BackupRequest, NbdTarget, PushedProgress
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+JOB_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+#: The SHA sends this literally when it does not know the previous change ID.
+PLACEHOLDER = "PLACEHOLDER"
+
+MAX_TARGETS = 256
+MAX_EXPORT = 4096  # the NBD protocol's limit on export names
+_REQUIRED = (
+    "job_id",
+    "vm_name",
+    "vcenter_host",
+    "vcenter_user",
+    "vcenter_password",
+    "vm_path",
+    "nbd_targets",
+)
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message, field=field)
+
+
+def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str]:
+    value = body.get(field)
+    if value is None or (value == "" and required):
+        if required:
+            raise invalid(field, f"{field} is required")
+        return None
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a string")
+    if "\0" in value:
+        raise invalid(field, f"{field} must not contain NUL characters")
+    return value
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.fullmatch(job_id):
+        raise invalid("job_id", f"job_id {job_id[:140]!r} is not valid: use {JOB_ID_RULE}")
+    return job_id
+
+
+def parse_targets(text: str, settings: Settings) -> tuple[NbdTarget, ...]:
+    entries = [e.strip() for e in text.split(",")]
+    if len(entries) > MAX_TARGETS:
+        raise invalid("nbd_targets", f"nbd_targets has more than {MAX_TARGETS} entries")
+    targets: list[NbdTarget] = []
+    keys: dict[str, int] = {}
+    ports: dict[int, int] = {}
+    for number, entry in enumerate(entries, 1):
+        target = _parse_target(number, entry, settings)
+        where = f"nbd_targets entry {number} ({entry[:200]!r})"
+        if target.disk_key in keys:
+            raise invalid(
+                "nbd_targets",
+                f"{where}: disk key {target.disk_key} is already used by entry "
+                f"{keys[target.disk_key]}",
+            )
+        if target.port in ports:
+            raise invalid(
+                "nbd_targets",
+                f"{where}: port {target.port} is already used by entry {ports[target.port]}",
+            )
+        keys[target.disk_key] = ports[target.port] = number
+        targets.append(target)
+    return tuple(targets)
+
+
+def _parse_target(number: int, entry: str, settings: Settings) -> NbdTarget:
+    where = f"nbd_targets entry {number} ({entry[:200]!r})"
+
+    def bad(reason: str) -> ApiError:
+        return invalid("nbd_targets", f"{where}: {reason}")
+
+    if not entry:
+        raise bad("is empty; the format is {disk_key}:nbd://{host}:{port}/{export}")
+    key, sep, url = entry.partition(":")
+    if not sep or not url.startswith("nbd://"):
+        raise bad("must look like {disk_key}:nbd://{host}:{port}/{export}")
+    if not key.isascii() or not key.isdigit() or len(key) > 9:
+        raise bad(f"disk key {key!r} is not a number (a VMware device key, like 2000)")
+    key = str(int(key))
+    parts = urllib.parse.urlsplit(url)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise bad("the URL must have no user, query or fragment")
+    host = parts.hostname
+    if not host:
+        raise bad("the URL has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("the port is not a number from 1 to 65535") from None
+    if port is None:
+        raise bad("the URL has no port")
+    host = normalise_host(host)
+    if host not in settings.nbd_hosts:
+        raise bad(
+            f"host {host} is not an allowed NBD host (allowed: {', '.join(settings.nbd_hosts)})"
+        )
+    if port not in settings.nbd_ports:
+        raise bad(f"port {port} is outside the allowed NBD port range {settings.nbd_ports}")
+    export = urllib.parse.unquote(parts.path[1:])
+    if not export:
+        raise bad("the URL names no export")
+    if len(export.encode()) > MAX_EXPORT or any(not c.isprintable() for c in export):
+        raise bad("the export name is too long or has control characters")
+    return NbdTarget(key, host, port, export)
+
+
+def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupRequest:
+    values = {field: _string(body, field, True) for field in _REQUIRED}
+    job_id = check_job_id(values["job_id"] or "")
+    backup_type = _string(body, "backup_type", False)
+    if backup_type not in ("full", "incremental"):
+        raise invalid("backup_type", "backup_type must be 'full' or 'incremental'")
+    previous = _string(body, "previous_change_id", False)
+    if previous is not None and (previous.strip() in ("", PLACEHOLDER)):
+        previous = None
+    if backup_type == "incremental" and previous is None:
+        raise invalid(
+            "previous_change_id", "previous_change_id is required for incremental backups"
+        )
+    targets = parse_targets(values["nbd_targets"] or "", settings)
+    return BackupRequest(
+        job_id=job_id,
+        vm_name=values["vm_name"] or "",
+        vcenter_host=values["vcenter_host"] or "",
+        vcenter_user=values["vcenter_user"] or "",
+        vcenter_password=values["vcenter_password"] or "",
+        vm_path=values["vm_path"] or "",
+        targets=targets,
+        backup_type=backup_type,
+        previous_change_id=previous,
+    )
+
+
+def _number(body: Mapping[str, Any], field: str, integer: bool) -> float:
+    value = body.get(field, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(field, f"{field} must be a number")
+    if integer and not isinstance(value, int):
+        raise invalid(field, f"{field} must be an integer")
+    if value < 0:
+        raise invalid(field, f"{field} must not be negative")
+    return value
+
+
+def parse_progress_update(
+    body: Mapping[str, Any], previous: Optional[PushedProgress]
+) -> PushedProgress:
+    """A push from the Go client, applied on top of its previous push as the Go SNA did."""
+    last = previous or PushedProgress()
+    stage = _string(body, "stage", False)
+    status = _string(body, "status", False)
+    sync_type = _string(body, "sync_type", False)
+    transferred = int(_number(body, "bytes_transferred", True))
+    total = int(_number(body, "total_bytes", True))
+    throughput = float(_number(body, "throughput_bps", False))
+    percent = float(_number(body, "percent", False))
+    if percent > 100:
+        raise invalid("percent", "percent must be at most 100")
+    transferred = transferred or last.bytes_transferred
+    total = total or last.total_bytes
+    if not percent:
+        percent = 100.0 * transferred / total if total else last.percent
+    kind = {"full": "full", "initial": "full", "incremental": "incremental"}.get(
+        sync_type or "", last.sync_type
+    )
+    return PushedProgress(
+        stage=stage if stage is not None else last.stage,
+        status=status or last.status,
+        sync_type=kind,
+        bytes_transferred=transferred,
+        total_bytes=total,
+        throughput_bps=throughput,
+        percent=min(percent, 100.0),
+    )

@@ -1,0 +1,291 @@
+"""Running jobs: admission, one client process per job, and their records.
+
+The :class:`JobManager` is the only writer of job records.  It admits a
+request (no duplicate active job, no NBD port shared with another active job,
+no more than ``max_jobs``), starts the client through an
+:class:`~sna.sbc.process.IProcessLauncher`, folds the client's events into the
+record, and persists it: at once on every status change, and at most once a
+second for progress.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sna.config import Settings
+from sna.jobs.model import BackupRequest, Job, JobStatus, PushedProgress
+from sna.jobs.store import IJobStore
+from sna.sbc import events
+from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher, terminate_leftover
+
+#: Progress is written to the database at most this often per job.
+SAVE_INTERVAL = 1.0
+
+
+class JobError(Exception):
+    """A request about jobs that cannot be done; ``code`` is the API error code."""
+
+    code = "job_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownJob(JobError):
+    code = "job_not_found"
+
+
+class JobConflict(JobError):
+    code = "job_conflict"
+
+
+class JobActive(JobConflict):
+    code = "job_already_running"
+
+
+class PortInUse(JobConflict):
+    code = "port_in_use"
+
+
+class JobNotActive(JobConflict):
+    code = "job_not_running"
+
+
+class AtCapacity(JobError):
+    code = "too_many_jobs"
+
+
+class ShuttingDown(JobError):
+    code = "shutting_down"
+
+
+@implementer(IClientObserver)
+class _Observer:
+    def __init__(self, manager: JobManager, job_id: str) -> None:
+        self._manager = manager
+        self._job_id = job_id
+
+    def event_received(self, event: events.Event) -> None:
+        self._manager._event(self._job_id, event)
+
+    def process_ended(
+        self, exit_code: Optional[int], exit_signal: Optional[int], last_output: Optional[str]
+    ) -> None:
+        self._manager._ended(self._job_id, exit_code, exit_signal, last_output)
+
+
+class JobManager:
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IJobStore,
+        launcher: IProcessLauncher,
+        clock: IReactorTime,
+        settings: Settings,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._launcher = launcher
+        self._clock = clock
+        self._now = now
+        self.settings = settings
+        self._jobs: dict[str, Job] = {}
+        self._processes: dict[str, ClientProcess] = {}
+        self._save_calls: dict[str, IDelayedCall] = {}
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------
+
+    def recover(self) -> Deferred[Any]:
+        """Load the store: running jobs of a dead daemon become ``interrupted``.
+
+        Their clients, if still alive, are terminated; the Deferred fires when
+        they are gone.
+        """
+        stored = self._store.load_settings()
+        if stored:
+            self.settings = self.settings.updated(stored)
+            self.log.info("run-time settings from the store: {settings}", settings=stored)
+        leftovers = []
+        for job in self._store.load_all():
+            if job.status.active:
+                job = job.interrupted(self._now(), "sna stopped while the job was running")
+                self._store.save(job)
+                self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
+                if job.pid:
+                    leftovers.append(
+                        terminate_leftover(
+                            self._clock, job.pid, job.job_id, self.settings.kill_grace
+                        )
+                    )
+            self._jobs[job.job_id] = job
+        return DeferredList(leftovers, consumeErrors=True)
+
+    def stop(self) -> Deferred[Any]:
+        """Stop every client (TERM, then KILL) and write every record."""
+        self._stopping = True
+        stops = [p.stop(self.settings.kill_grace) for p in self._processes.values()]
+        d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
+
+        def flushed(result: object) -> object:
+            for job_id in list(self._save_calls):
+                self._save_now(job_id)
+            return result
+
+        return d.addBoth(flushed)
+
+    # -- queries --------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise UnknownJob(f"job {job_id} not found") from None
+
+    def jobs(self, status: Optional[JobStatus] = None) -> list[Job]:
+        return [j for j in self._jobs.values() if status is None or j.status is status]
+
+    def counts(self) -> dict[str, int]:
+        counted = Counter(j.status for j in self._jobs.values())
+        return {status.value: counted.get(status, 0) for status in JobStatus}
+
+    def active_jobs(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.status.active]
+
+    # -- commands -------------------------------------------------------
+
+    def start(self, request: BackupRequest) -> Job:
+        """Admit ``request`` and spawn its client; the job is running on return."""
+        if self._stopping:
+            raise ShuttingDown("sna is shutting down")
+        current = self._jobs.get(request.job_id)
+        if current is not None and current.status.active:
+            raise JobActive(f"job {request.job_id} is already running (pid {current.pid})")
+        active = self.active_jobs()
+        ports = {d.port: j.job_id for j in active for d in j.disks}
+        for target in request.targets:
+            if target.port in ports:
+                raise PortInUse(
+                    f"NBD port {target.port} (disk {target.disk_key}) is in use by "
+                    f"running job {ports[target.port]}"
+                )
+        if len(active) >= self.settings.max_jobs:
+            raise AtCapacity(
+                f"{len(active)} jobs are running, the maximum is {self.settings.max_jobs}"
+            )
+        self._launcher.check()
+        job = Job.from_request(request, self._now())
+        self._jobs[job.job_id] = job
+        try:
+            process = self._launcher.launch(request, _Observer(self, job.job_id))
+        except BaseException:
+            if current is None:
+                del self._jobs[job.job_id]
+            else:
+                self._jobs[job.job_id] = current
+            raise
+        self._processes[job.job_id] = process
+        if process.running:
+            self._update(self._jobs[job.job_id].spawned(process.pid, self._now()))
+        self._save_now(job.job_id)
+        self.log.info(
+            "job {job_id}: {backup_type} backup of {vm_path}, {disks} disk(s), pid {pid}",
+            job_id=job.job_id,
+            backup_type=request.backup_type,
+            vm_path=request.vm_path,
+            disks=len(request.targets),
+            pid=process.pid,
+        )
+        return self._jobs[job.job_id]
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if not job.status.active:
+            raise JobNotActive(f"job {job_id} is not running (status {job.status.value})")
+        if not job.cancel_requested:
+            job = self._update(job.cancelling(self._now()))
+            self._save_now(job_id)
+            self.log.info("job {job_id}: cancel requested", job_id=job_id)
+            process = self._processes.get(job_id)
+            if process is not None:
+                process.stop(self.settings.kill_grace)
+        return job
+
+    def push_progress(self, job_id: str, push: PushedProgress) -> Job:
+        job = self.get(job_id)
+        if not job.status.active:
+            raise JobNotActive(f"job {job_id} is not running (status {job.status.value})")
+        job = self._update(job.pushed_progress(push, self._now()))
+        self._save_soon(job_id)
+        return job
+
+    def configure(self, changes: Mapping[str, Any]) -> Settings:
+        """Apply and persist run-time settings; raises ConfigError, changing nothing."""
+        new = self.settings.updated(changes)
+        stored = {**self._store.load_settings(), **changes}
+        self._store.save_settings(stored)
+        self.settings = new
+        self.log.info("settings changed: {changes}", changes=dict(changes))
+        return new
+
+    # -- from the client ------------------------------------------------
+
+    def _event(self, job_id: str, event: events.Event) -> None:
+        job = self._jobs[job_id]
+        new = job.apply(event, self._now())
+        if isinstance(event, events.DiskDone):
+            self.log.info(
+                "job {job_id}: disk {disk_key} done, change ID {change_id}",
+                job_id=job_id,
+                disk_key=event.disk_key,
+                change_id=event.change_id,
+            )
+        self._update(new)
+        self._save_soon(job_id)
+
+    def _ended(
+        self,
+        job_id: str,
+        exit_code: Optional[int],
+        exit_signal: Optional[int],
+        last_output: Optional[str],
+    ) -> None:
+        self._processes.pop(job_id, None)
+        job = self._jobs[job_id].ended(
+            self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
+        )
+        self._update(job)
+        self._save_now(job_id)
+        self.log.info(
+            "job {job_id} {status}: exit code {exit_code}, error {error}",
+            job_id=job_id,
+            status=job.status.value,
+            exit_code=exit_code,
+            error=job.error,
+        )
+
+    # -- persistence ----------------------------------------------------
+
+    def _update(self, job: Job) -> Job:
+        self._jobs[job.job_id] = job
+        return job
+
+    def _save_soon(self, job_id: str) -> None:
+        if job_id not in self._save_calls:
+            self._save_calls[job_id] = self._clock.callLater(SAVE_INTERVAL, self._save_now, job_id)
+
+    def _save_now(self, job_id: str) -> None:
+        call = self._save_calls.pop(job_id, None)
+        if call is not None and call.active():
+            call.cancel()
+        self._store.save(self._jobs[job_id])

@@ -1,0 +1,369 @@
+"""Job records and the job state machine.
+
+A :class:`Job` is immutable; every change (a progress event, the client's
+exit, a cancel) makes a new one through a method here, so the rules about
+which status may follow which live in one place.  Times are aware UTC
+datetimes.  No secret is ever part of a :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Optional
+
+import attrs
+
+from sna.sbc import events
+
+
+class JobStatus(enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def active(self) -> bool:
+        return self is JobStatus.RUNNING
+
+
+class InvalidTransition(Exception):
+    """A job was asked to move to a status its current one cannot lead to."""
+
+
+@attrs.frozen
+class NbdTarget:
+    """Where one VMware disk is written: ``{disk_key}:nbd://{host}:{port}/{export}``."""
+
+    disk_key: str
+    host: str
+    port: int
+    export: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{self.export}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.disk_key}:{self.url}"
+
+
+@attrs.frozen
+class BackupRequest:
+    """A validated ``POST /api/v1/backup/start``; the password never leaves it."""
+
+    job_id: str
+    vm_name: str
+    vcenter_host: str
+    vcenter_user: str
+    vcenter_password: str = attrs.field(repr=False)
+    vm_path: str
+    targets: tuple[NbdTarget, ...]
+    backup_type: str
+    previous_change_id: Optional[str] = None
+
+    @property
+    def nbd_targets(self) -> str:
+        return ",".join(t.spec for t in self.targets)
+
+
+@attrs.frozen
+class DiskState:
+    """One disk of a job, as far as the client has told us."""
+
+    disk_key: str
+    export: str
+    port: int
+    status: str = "pending"  # pending | running | completed | failed
+    sync_type: Optional[str] = None
+    sync_reason: Optional[str] = None
+    bytes_done: int = 0
+    bytes_total: Optional[int] = None
+    change_id: Optional[str] = None
+
+
+@attrs.frozen
+class PushedProgress:
+    """The last progress pushed by the legacy Go client to ``/progress/{id}/update``."""
+
+    stage: str = "Discover"
+    status: str = "Queued"
+    sync_type: str = ""
+    bytes_transferred: int = 0
+    total_bytes: int = 0
+    throughput_bps: float = 0.0
+    percent: float = 0.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.frozen
+class Job:
+    job_id: str
+    vm_name: str
+    vm_path: str
+    vcenter_host: str
+    vcenter_user: str
+    backup_type: str
+    previous_change_id: Optional[str]
+    disks: tuple[DiskState, ...]
+    started_at: datetime
+    last_update: datetime
+    status: JobStatus = JobStatus.RUNNING
+    phase: str = "starting"
+    current_operation: str = "Starting backup client"
+    pid: Optional[int] = None
+    ended_at: Optional[datetime] = None
+    exit_code: Optional[int] = None
+    exit_signal: Optional[int] = None
+    error: Optional[str] = None
+    cancel_requested: bool = False
+    throughput_bps: Optional[float] = None
+    #: Totals when the client reports only an aggregate (the Go client).
+    aggregate_done: int = 0
+    aggregate_total: Optional[int] = None
+    pushed: Optional[PushedProgress] = None
+
+    @classmethod
+    def from_request(cls, request: BackupRequest, now: datetime) -> Job:
+        return cls(
+            job_id=request.job_id,
+            vm_name=request.vm_name,
+            vm_path=request.vm_path,
+            vcenter_host=request.vcenter_host,
+            vcenter_user=request.vcenter_user,
+            backup_type=request.backup_type,
+            previous_change_id=request.previous_change_id,
+            disks=tuple(DiskState(t.disk_key, t.export, t.port) for t in request.targets),
+            started_at=now,
+            last_update=now,
+        )
+
+    # -- derived values -------------------------------------------------
+
+    @property
+    def bytes_done(self) -> int:
+        per_disk = sum(d.bytes_done for d in self.disks)
+        return max(per_disk, self.aggregate_done)
+
+    @property
+    def bytes_total(self) -> Optional[int]:
+        if self.disks and all(d.bytes_total is not None for d in self.disks):
+            return sum(d.bytes_total or 0 for d in self.disks)
+        return self.aggregate_total
+
+    @property
+    def progress_percent(self) -> float:
+        """Bytes-weighted over every disk; 100 only once the job has completed."""
+        if self.status is JobStatus.COMPLETED:
+            return 100.0
+        total = self.bytes_total
+        if not total:
+            done_disks = sum(1 for d in self.disks if d.status == "completed")
+            percent = 100.0 * done_disks / len(self.disks) if self.disks else 0.0
+        else:
+            percent = 100.0 * min(self.bytes_done, total) / total
+        return min(round(percent, 2), 99.99)
+
+    # -- transitions ----------------------------------------------------
+
+    def _touch(self, now: datetime, **changes: Any) -> Job:
+        return attrs.evolve(self, last_update=now, **changes)
+
+    def _disk(self, key: Optional[str]) -> Optional[int]:
+        for index, disk in enumerate(self.disks):
+            if disk.disk_key == key:
+                return index
+        return None
+
+    def _with_disk(self, index: int, now: datetime, **changes: Any) -> Job:
+        disks = list(self.disks)
+        disks[index] = attrs.evolve(disks[index], **changes)
+        return self._touch(now, disks=tuple(disks))
+
+    def spawned(self, pid: int, now: datetime) -> Job:
+        return self._touch(now, pid=pid)
+
+    def apply(self, event: events.Event, now: datetime) -> Job:
+        """The job after one event from its client.  Events after the end are ignored."""
+        if not self.status.active:
+            return self
+        match event:
+            case events.Phase(phase=phase, message=message):
+                return self._touch(now, phase=phase, current_operation=message or phase)
+            case events.DiskStart(disk_key=key):
+                index = self._disk(key)
+                if index is None:
+                    return self._touch(now)
+                disk = self.disks[index]
+                return self._with_disk(
+                    index,
+                    now,
+                    status="running",
+                    sync_type=event.sync_type or disk.sync_type,
+                    sync_reason=event.sync_reason or disk.sync_reason,
+                    bytes_total=event.bytes_total
+                    if event.bytes_total is not None
+                    else disk.bytes_total,
+                )._touch(now, phase="transfer", current_operation=f"Copying disk {key}")
+            case events.Progress(disk_key=None):
+                return self._touch(
+                    now,
+                    aggregate_done=event.bytes_done,
+                    aggregate_total=event.bytes_total or self.aggregate_total,
+                    throughput_bps=event.throughput_bps,
+                )
+            case events.Progress(disk_key=key):
+                index = self._disk(key)
+                if index is None:
+                    return self._touch(now)
+                disk = self.disks[index]
+                job = self._with_disk(
+                    index,
+                    now,
+                    status="running" if disk.status == "pending" else disk.status,
+                    bytes_done=event.bytes_done,
+                    bytes_total=event.bytes_total
+                    if event.bytes_total is not None
+                    else disk.bytes_total,
+                )
+                return job._touch(now, throughput_bps=event.throughput_bps)
+            case events.DiskDone(disk_key=key):
+                index = self._disk(key)
+                if index is None:
+                    return self._touch(now)
+                disk = self.disks[index]
+                total = event.bytes_total if event.bytes_total is not None else disk.bytes_total
+                done = event.bytes_done if event.bytes_done is not None else (total or 0)
+                return self._with_disk(
+                    index,
+                    now,
+                    status="completed",
+                    change_id=event.change_id or disk.change_id,
+                    bytes_done=done,
+                    bytes_total=total,
+                )
+            case events.Error(message=message, disk_key=key):
+                job = self._touch(now, error=message)
+                index = job._disk(key)
+                if index is not None:
+                    job = job._with_disk(index, now, status="failed")
+                return job
+            case events.Done(message=message):
+                return self._touch(
+                    now, phase="finishing", current_operation=message or "Backup client finished"
+                )
+        return self  # pragma: no cover - the match is exhaustive
+
+    def pushed_progress(self, push: PushedProgress, now: datetime) -> Job:
+        """Apply a push from the Go client; its byte counts become the aggregate."""
+        return self._touch(
+            now,
+            pushed=push,
+            aggregate_done=push.bytes_transferred or self.aggregate_done,
+            aggregate_total=push.total_bytes or self.aggregate_total,
+            throughput_bps=push.throughput_bps,
+            current_operation=push.stage or self.current_operation,
+        )
+
+    def cancelling(self, now: datetime) -> Job:
+        if not self.status.active:
+            raise InvalidTransition(f"job {self.job_id} is {self.status.value}")
+        return self._touch(now, cancel_requested=True, current_operation="Cancelling")
+
+    def ended(
+        self,
+        now: datetime,
+        exit_code: Optional[int],
+        exit_signal: Optional[int],
+        last_output: Optional[str],
+        shutting_down: bool = False,
+    ) -> Job:
+        """The job once its client process has gone, however it went."""
+        if not self.status.active:
+            raise InvalidTransition(f"job {self.job_id} already ended as {self.status.value}")
+        if exit_code == 0:
+            status, error = JobStatus.COMPLETED, None
+            operation = "Completed"
+        elif self.cancel_requested:
+            status, error = JobStatus.CANCELLED, "cancelled by request"
+            operation = "Cancelled"
+        elif shutting_down:
+            status = JobStatus.INTERRUPTED
+            error = "sna was stopped while the backup client was running"
+            operation = "Interrupted"
+        else:
+            status, operation = JobStatus.FAILED, "Failed"
+            if exit_code is not None:
+                how = f"backup client exited with code {exit_code}"
+            else:
+                how = f"backup client was killed by signal {exit_signal}"
+            reason = self.error or last_output
+            error = f"{how}: {reason}" if reason else how
+        disks = self.disks
+        if status is not JobStatus.COMPLETED:
+            disks = tuple(
+                d if d.status == "completed" else attrs.evolve(d, status="failed") for d in disks
+            )
+        return self._touch(
+            now,
+            status=status,
+            ended_at=now,
+            exit_code=exit_code,
+            exit_signal=exit_signal,
+            error=error,
+            current_operation=operation,
+            phase=status.value,
+            disks=disks,
+        )
+
+    def interrupted(self, now: datetime, reason: str) -> Job:
+        """A job found running in the store when the daemon starts."""
+        if not self.status.active:
+            raise InvalidTransition(f"job {self.job_id} is {self.status.value}")
+        return self._touch(
+            now,
+            status=JobStatus.INTERRUPTED,
+            ended_at=now,
+            error=reason,
+            current_operation="Interrupted",
+            phase="interrupted",
+            disks=tuple(
+                d if d.status == "completed" else attrs.evolve(d, status="failed")
+                for d in self.disks
+            ),
+        )
+
+    # -- persistence ----------------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict for the store (not the API's shape)."""
+
+        def convert(_inst: Any, _field: Any, value: Any) -> Any:
+            if isinstance(value, datetime):
+                return value.isoformat()
+            if isinstance(value, JobStatus):
+                return value.value
+            return value
+
+        return attrs.asdict(self, value_serializer=convert)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Job:
+        data = dict(record)
+        for key in ("started_at", "last_update", "ended_at"):
+            if data.get(key) is not None:
+                data[key] = datetime.fromisoformat(data[key])
+        data["status"] = JobStatus(data["status"])
+        data["disks"] = tuple(DiskState(**d) for d in data["disks"])
+        if data.get("pushed") is not None:
+            data["pushed"] = PushedProgress(**data["pushed"])
+        known = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,158 @@
+"""Fakes for tests: a process launcher without processes and a store without a disk.
+
+They implement the same interfaces as the real parts (:class:`IProcessLauncher`,
+:class:`IJobStore`) and are importable by any test.  Nothing in the daemon
+imports this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any, Optional
+
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IProcessTransport, IReactorTime
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from sna.jobs.model import BackupRequest, Job
+from sna.jobs.store import IJobStore
+from sna.sbc.parse import parser_for
+from sna.sbc.process import (
+    BackupClientProtocol,
+    ClientCommand,
+    ClientProcess,
+    ClientUnavailable,
+    IClientObserver,
+    IProcessLauncher,
+    JobLog,
+    LogDirectory,
+)
+
+
+@implementer(IJobStore)
+class MemoryJobStore:
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.settings: dict[str, Any] = {}
+        self.saves = 0
+        self.closed = False
+
+    def save(self, job: Job) -> None:
+        self.saves += 1
+        self.jobs[job.job_id] = job.to_record()
+
+    def load_all(self) -> list[Job]:
+        return sorted((Job.from_record(r) for r in self.jobs.values()), key=lambda j: j.started_at)
+
+    def load_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def save_settings(self, values: dict[str, Any]) -> None:
+        self.settings = dict(values)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@implementer(IProcessTransport)
+class FakeProcessTransport(StringTransport):
+    """A process that only ends when told to, or on the signals in ``dies_on``."""
+
+    def __init__(self, protocol: BackupClientProtocol, pid: int, dies_on: tuple[str, ...]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.protocol = protocol
+        self.pid: Optional[int] = pid
+        self.signals: list[str] = []
+        self.dies_on = dies_on
+        self.stdin_closed = False
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, signalID: str | int) -> None:
+        if self.pid is None:
+            raise ierror.ProcessExitedAlready()
+        self.signals.append(str(signalID))
+        if signalID in self.dies_on:
+            self.exit(signal={"TERM": 15, "KILL": 9, "INT": 2}.get(str(signalID), 15))
+
+    def closeStdout(self) -> None:
+        pass
+
+    def closeStderr(self) -> None:
+        pass
+
+    def closeChildFD(self, descriptor: int) -> None:
+        pass
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        raise NotImplementedError("the backup client reads nothing from us")
+
+    def exit(self, code: Optional[int] = None, signal: Optional[int] = None) -> None:
+        """End the process with ``code`` or by ``signal``, as the reactor would report it."""
+        self.pid = None
+        if code == 0:
+            reason = Failure(ierror.ProcessDone(0))
+        else:
+            reason = Failure(ierror.ProcessTerminated(exitCode=code, signal=signal))
+        self.protocol.processEnded(reason)
+
+
+@implementer(IProcessLauncher)
+class FakeLauncher:
+    """Launches nothing: each job gets a :class:`FakeProcessTransport` to drive."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        log_dir: FilePath[str],
+        legacy: bool = False,
+        dies_on: tuple[str, ...] = ("TERM", "KILL"),
+    ) -> None:
+        self._clock = clock
+        self._log_dir = LogDirectory(log_dir, log_dir)
+        self.command = ClientCommand(("sendense-backup-client",), legacy)
+        self.unavailable: Optional[str] = None
+        self.dies_on = dies_on
+        self.transports: dict[str, FakeProcessTransport] = {}
+        self.requests: dict[str, BackupRequest] = {}
+        self._pids = itertools.count(4000)
+
+    def check(self) -> None:
+        if self.unavailable is not None:
+            raise ClientUnavailable(self.unavailable)
+
+    def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
+        self.check()
+        self._log_dir.current.makedirs(ignoreExistingDirectory=True)
+        job_log = JobLog(self._log_dir.current.child(f"backup-{request.job_id}.log"), fixed_now)
+        parser = parser_for(self.command.legacy)
+        protocol = BackupClientProtocol(
+            request.job_id, observer, job_log, parser, parser if self.command.legacy else None
+        )
+        transport = FakeProcessTransport(protocol, next(self._pids), self.dies_on)
+        protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+        self.transports[request.job_id] = transport
+        self.requests[request.job_id] = request
+        return ClientProcess(transport, protocol, self._clock)
+
+
+class SteppingClock:
+    """A wall clock for records that moves only when told to."""
+
+    def __init__(self, start: Optional[datetime] = None) -> None:
+        self.value = start or datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += timedelta(seconds=seconds)
+
+
+def fixed_now() -> datetime:
+    return datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)

@@ -1,0 +1,83 @@
+"""Shared in-memory wiring for unit tests: the API over fakes, no sockets, no processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import attrs
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+
+from sna.api.app import SnaAPI
+from sna.config import Settings
+from sna.jobs.manager import JobManager
+from sna.testing import FakeLauncher, MemoryJobStore, SteppingClock
+
+
+@attrs.define
+class Harness:
+    clock: Clock
+    now: SteppingClock
+    store: MemoryJobStore
+    launcher: FakeLauncher
+    manager: JobManager
+    api: SnaAPI
+    treq: StubTreq
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: Optional[bytes] = None,
+        headers: Optional[dict[str, str]] = None,
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        d = self.treq.request(method, "http://sna" + path, data=data, headers=hdrs)
+        self.treq.flush()
+        response = _result(d)
+        content = _result(response.content())
+        return response.code, json.loads(content) if content else None
+
+
+def _result(d: Any) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "request did not complete"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def backup_body(**overrides: Any) -> dict[str, Any]:
+    body = {
+        "job_id": "backup-pgtest1-1760099954",
+        "vm_name": "pgtest1",
+        "vcenter_host": "vcenter.example.local",
+        "vcenter_user": "administrator@vsphere.local",
+        "vcenter_password": "s3cret-P@ss",
+        "vm_path": "/DC1/vm/pgtest1",
+        "nbd_targets": "2000:nbd://127.0.0.1:10100/pgtest1-disk0,"
+        "2001:nbd://127.0.0.1:10101/pgtest1-disk1",
+        "backup_type": "full",
+    }
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.fixture
+def harness(tmp_path: Any) -> Iterator[Harness]:
+    clock = Clock()
+    now = SteppingClock()
+    store = MemoryJobStore()
+    launcher = FakeLauncher(clock, FilePath(str(tmp_path)).child("log"))
+    manager = JobManager(store, launcher, clock, Settings(max_jobs=3), now)
+    manager.recover()
+    api = SnaAPI(manager, now, clock.seconds)
+    yield Harness(clock, now, store, launcher, manager, api, StubTreq(api.resource()))
