@@ -1,0 +1,89 @@
+# sna: build, run and test targets.  Every recipe runs unattended (CI=true, no
+# stdin) on a fresh Debian 12 machine that has python3.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp
+
+# Debian packages the test suite needs; `make deps` installs the missing ones.
+APT_PACKAGES := sqlite3
+# Debian splits venv support out of python3; needed only when ensurepip is missing.
+VENV_APT_PACKAGES := python3-venv
+
+LISTEN ?= tcp:8081:interface=127.0.0.1
+BENCH_ARGS ?=
+
+export PIP_NO_INPUT := 1
+export DEBIAN_FRONTEND := noninteractive
+
+# $(call apt_install,packages): a shell command installing those of the
+# packages not yet installed, as root or through sudo; apt-get runs only then.
+define apt_install
+missing=""; \
+for pkg in $(1); do \
+	dpkg -s "$$pkg" 2>/dev/null | grep -q '^Status: install ok installed' \
+		|| missing="$$missing $$pkg"; \
+done; \
+if [ -n "$$missing" ]; then \
+	echo "installing Debian packages:$$missing"; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+	$$sudo apt-get update \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends $$missing; \
+fi
+endef
+
+.PHONY: all venv deps run check test bench clean distclean
+
+all: test
+
+venv: $(STAMP)
+
+# A compat-mode editable install: code edits apply without reinstalling, and
+# twisted/plugins stays on sys.path (a PEP 660 import-hook install of this flat
+# layout would hide the plugin from twistd).  The last step writes dropin.cache
+# so twistd need not rebuild it (it may not be able to write it later).
+$(STAMP): setup.py pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { $(call apt_install,$(VENV_APT_PACKAGES)); }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	touch $@
+
+deps:
+	@$(call apt_install,$(APT_PACKAGES))
+
+run: venv
+	mkdir -p var/state var/log
+	exec $(BIN)/twistd -n sna --listen $(LISTEN) --state-dir var/state --log-dir var/log
+
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The first step proves twistd finds the plugin through the install, not
+# through the current directory.  (grep reads all the help: with -q it would
+# exit early and twistd would die of a broken pipe.)
+test: deps venv check
+	@dir="$$(mktemp -d)"; \
+	if (cd "$$dir" && $(CURDIR)/$(BIN)/twistd --help | grep -w sna >/dev/null); then \
+		rm -rf "$$dir"; echo "twistd finds the sna plugin from $$dir"; \
+	else \
+		rm -rf "$$dir"; echo "twistd does not list the sna plugin outside the checkout" >&2; exit 1; \
+	fi
+	$(BIN)/pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/api_bench.py $(BENCH_ARGS)
+
+# Leaves .venv and var/ (the state of `make run`) alone; distclean removes them too.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis _trial_temp
+	rm -f twisted/plugins/dropin.cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) var

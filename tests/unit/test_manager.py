@@ -1,0 +1,105 @@
+"""The job manager over fakes: recovery after a restart, shutdown, persistence cadence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+
+from sna.config import Settings
+from sna.jobs.manager import JobManager, ShuttingDown
+from sna.jobs.model import JobStatus
+from sna.testing import FakeLauncher, MemoryJobStore, SteppingClock
+from tests.unit.test_model import make_job
+from tests.unit.test_process import REQUEST
+
+
+def make_manager(
+    tmp_path: Path, store: MemoryJobStore | None = None
+) -> tuple[JobManager, FakeLauncher, MemoryJobStore, Clock]:
+    clock = Clock()
+    store = store or MemoryJobStore()
+    launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
+    manager = JobManager(store, launcher, clock, Settings(kill_grace=5), SteppingClock())
+    return manager, launcher, store, clock
+
+
+def test_running_jobs_of_a_dead_daemon_become_interrupted(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    store.save(make_job())
+    manager, _, _, _ = make_manager(tmp_path, store)
+    manager.recover()
+    job = manager.get("j1")
+    assert job.status is JobStatus.INTERRUPTED
+    assert job.error == "sna stopped while the job was running"
+    assert store.load_all()[0].status is JobStatus.INTERRUPTED
+
+
+def test_stored_settings_override_the_command_line(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    store.settings = {"max_jobs": 2, "kill_grace_seconds": 1}
+    manager, _, _, _ = make_manager(tmp_path, store)
+    manager.recover()
+    assert (manager.settings.max_jobs, manager.settings.kill_grace) == (2, 1.0)
+
+
+def test_shutdown_stops_clients_and_marks_jobs_interrupted(tmp_path: Path) -> None:
+    manager, launcher, store, clock = make_manager(tmp_path)
+    launcher.dies_on = ("KILL",)
+    manager.recover()
+    manager.start(REQUEST)
+    stopped: list[object] = []
+    manager.stop().addBoth(stopped.append)
+    transport = launcher.transports[REQUEST.job_id]
+    assert transport.signals == ["TERM"] and not stopped
+    clock.advance(5)
+    assert transport.signals == ["TERM", "KILL"]
+    assert len(stopped) == 1
+    job = store.load_all()[0]
+    assert job.status is JobStatus.INTERRUPTED
+    assert job.exit_signal == 9
+    with pytest.raises(ShuttingDown):
+        manager.start(REQUEST)
+
+
+def test_progress_is_written_at_most_once_a_second(tmp_path: Path) -> None:
+    manager, launcher, store, clock = make_manager(tmp_path)
+    manager.recover()
+    manager.start(REQUEST)
+    saves = store.saves
+    protocol = launcher.transports[REQUEST.job_id].protocol
+    for done in range(0, 1000, 10):
+        line = {"event": "progress", "disk_key": "2000", "bytes_done": done, "bytes_total": 1000}
+        protocol.outReceived(json.dumps(line).encode() + b"\n")
+    assert store.saves == saves
+    clock.advance(1)
+    assert store.saves == saves + 1
+    assert store.load_all()[0].disks[0].bytes_done == 990
+    launcher.transports[REQUEST.job_id].exit(0)
+    assert store.load_all()[0].status is JobStatus.COMPLETED
+    assert not clock.getDelayedCalls()
+
+
+def test_a_finished_job_id_can_run_again(tmp_path: Path) -> None:
+    manager, launcher, _, _ = make_manager(tmp_path)
+    manager.recover()
+    manager.start(REQUEST)
+    launcher.transports[REQUEST.job_id].exit(1)
+    assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
+    again = manager.start(REQUEST)
+    assert again.status is JobStatus.RUNNING
+    assert again.error is None
+
+
+def test_a_failed_launch_restores_the_previous_record(tmp_path: Path) -> None:
+    manager, launcher, _, _ = make_manager(tmp_path)
+    manager.recover()
+    manager.start(REQUEST)
+    launcher.transports[REQUEST.job_id].exit(1)
+    launcher.unavailable = "gone"
+    with pytest.raises(Exception, match="gone"):
+        manager.start(REQUEST)
+    assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
