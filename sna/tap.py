@@ -7,16 +7,19 @@ and only as a default.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Optional
 
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from sna import __version__
 from sna.api.app import SnaAPI
+from sna.api.auth import BearerTokenAuthorization, read_token
 from sna.api.http import make_site
 from sna.config import ConfigError, PortRange, Settings, parse_hosts
 from sna.jobs.manager import JobManager
@@ -24,6 +27,8 @@ from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
 from sna.sbc.process import ClientCommand, LogDirectory, ProcessLauncher
 from sna.service import SnaService
+
+log = Logger()
 
 
 def _positive_int(value: str) -> int:
@@ -63,6 +68,12 @@ class Options(usage.Options):
             "/var/log/sendense",
             "Directory of backup-{job_id}.log files (falls back to STATE-DIR/log).",
         ],
+        [
+            "auth-token-file",
+            None,
+            None,
+            "File holding the API bearer token (required by every route but /health).",
+        ],
         ["sbc", None, "sendense-backup-client", "Backup-client command (split like a shell)."],
         ["nbd-ports", None, "10100-10200", "Allowed NBD target ports, LOW-HIGH."],
         [
@@ -91,6 +102,13 @@ class Options(usage.Options):
             self["nbd-hosts"] = parse_hosts(self["nbd-hosts"], "--nbd-hosts")
         except ConfigError as e:
             raise usage.UsageError(e.message) from None
+        if self["auth-token-file"] is not None:
+            try:
+                self["auth-token"] = read_token(self["auth-token-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--auth-token-file: {e}") from None
+        else:
+            self["auth-token"] = None
         try:
             self["sbc"] = ClientCommand.parse(self["sbc"], legacy=bool(self["sbc-legacy"]))
         except ValueError as e:
@@ -115,7 +133,28 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     manager = JobManager(store, launcher, reactor, settings, utcnow)
     api = SnaAPI(manager, utcnow, time.monotonic)
     service = SnaService(manager, store, state_dir, log_dir)
-    strports.service(config["listen"], make_site(api.resource()), reactor=reactor).setServiceParent(
+    resource = api.resource()
+    if config["auth-token"] is not None:
+        resource = BearerTokenAuthorization(resource, config["auth-token"])
+    elif not _loopback_only(config["listen"]):
+        log.warn(
+            "the API listens on {listen} without --auth-token-file: anyone who reaches it "
+            "can start backups",
+            listen=config["listen"],
+        )
+    strports.service(config["listen"], make_site(resource), reactor=reactor).setServiceParent(
         service
     )
     return service
+
+
+def _loopback_only(description: str) -> bool:
+    """Whether an endpoint string binds loopback (or a UNIX socket) only."""
+    kind, _, rest = description.partition(":")
+    if kind in ("unix", "systemd"):
+        return True
+    for part in re.split(r"(?<!\\):", rest):
+        name, _, value = part.replace("\\:", ":").partition("=")
+        if name == "interface":
+            return value in ("127.0.0.1", "::1", "localhost") or value.startswith("127.")
+    return False

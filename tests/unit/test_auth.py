@@ -1,0 +1,57 @@
+"""Bearer-token authorization in front of the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from treq.testing import StubTreq
+from twisted.python import usage
+
+from sna.api.auth import BearerTokenAuthorization
+from sna.tap import Options, _loopback_only
+from tests.unit.conftest import Harness, _result
+
+
+def call(stub: StubTreq, path: str, token: str | None = None) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    response = _result(stub.get("http://sna" + path, headers=headers))
+    return response.code, json.loads(_result(response.content()))
+
+
+def test_token_required_except_for_health(harness: Harness) -> None:
+    stub = StubTreq(BearerTokenAuthorization(harness.api.resource(), b"t0ken"))
+    assert call(stub, "/api/v1/jobs")[0] == 401
+    code, body = call(stub, "/api/v1/jobs", "wrong")
+    assert (code, body["error"]) == (401, "unauthorized")
+    assert call(stub, "/api/v1/jobs", "t0ken") == (200, {"jobs": [], "count": 0})
+    assert call(stub, "/api/v1/health")[0] == 200
+    assert call(stub, "/api/v1/status/x", "t0ken")[0] == 404
+
+
+def test_token_comes_from_a_file_never_argv(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    options = Options()
+    options.parseOptions(["--auth-token-file", str(path)])
+    assert options["auth-token"] == b"s3cret"
+    path.write_text("\n")
+    with pytest.raises(usage.UsageError, match="holds no token"):
+        Options().parseOptions(["--auth-token-file", str(path)])
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--auth-token-file", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("tcp:8081:interface=127.0.0.1", True),
+        ("tcp:8081:interface=\\:\\:1", True),
+        ("tcp:8081", False),
+        ("tcp:8081:interface=0.0.0.0", False),
+        ("unix:/run/sna.sock", True),
+    ],
+)
+def test_loopback_detection(listen: str, loopback: bool) -> None:
+    assert _loopback_only(listen) is loopback
