@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
 # Debian packages the test suite needs; `make deps` installs the missing ones.
-APT_PACKAGES := sqlite3
+APT_PACKAGES := sqlite3 qemu-utils libnbd-bin nbdkit socat golang-go golang-github-vmware-govmomi-dev
 # Debian splits venv support out of python3; needed only when ensurepip is missing.
 VENV_APT_PACKAGES := python3-venv
 
@@ -57,7 +57,7 @@ deps:
 
 run: venv
 	mkdir -p var/state var/log
-	exec $(BIN)/twistd -n sna --listen $(LISTEN) --state-dir var/state --log-dir var/log
+	exec $(BIN)/twistd -n --pidfile var/twistd.pid sna --listen $(LISTEN) --state-dir var/state --log-dir var/log
 
 check: venv
 	$(BIN)/ruff check .

@@ -16,6 +16,8 @@ setup(
         "klein>=24.8",
         "treq>=24.9",
         "attrs>=23.1",
+        "prometheus-client>=0.20",
+        "pyvmomi>=8.0",
     ],
     extras_require={
         "dev": [

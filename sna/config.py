@@ -100,9 +100,11 @@ class Settings:
     nbd_ports: PortRange = PortRange(10100, 10200)
     nbd_hosts: tuple[str, ...] = DEFAULT_NBD_HOSTS
     kill_grace: float = 30.0
+    #: Finished jobs older than this many days are forgotten; 0 keeps them all.
+    retention_days: int = 30
 
     #: Keys of ``PUT /api/v1/config`` and of the persisted copy.
-    KEYS = ("max_jobs", "nbd_ports", "nbd_hosts", "kill_grace_seconds")
+    KEYS = ("max_jobs", "nbd_ports", "nbd_hosts", "kill_grace_seconds", "job_retention_days")
 
     def updated(self, changes: Mapping[str, Any]) -> Settings:
         """A copy with ``changes`` (wire names) applied, every value checked."""
@@ -128,6 +130,14 @@ class Settings:
         if "kill_grace_seconds" in changes:
             grace = _positive_seconds("kill_grace_seconds", changes["kill_grace_seconds"], 3600)
             new = attrs.evolve(new, kill_grace=grace)
+        if "job_retention_days" in changes:
+            days = changes["job_retention_days"]
+            if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 36500:
+                raise ConfigError(
+                    "job_retention_days",
+                    "job_retention_days must be an integer from 0 (keep forever) to 36500",
+                )
+            new = attrs.evolve(new, retention_days=days)
         return new
 
     def to_json(self) -> dict[str, Any]:
@@ -136,4 +146,5 @@ class Settings:
             "nbd_ports": str(self.nbd_ports),
             "nbd_hosts": list(self.nbd_hosts),
             "kill_grace_seconds": self.kill_grace,
+            "job_retention_days": self.retention_days,
         }

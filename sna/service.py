@@ -1,8 +1,9 @@
 """The daemon's lifecycle: recover jobs, serve the API, stop clients on the way out.
 
 :class:`SnaService` is the top ``MultiService``.  On start it settles the
-directories, loads the store (jobs a dead daemon left ``running`` become
-``interrupted``) and only then starts listening.  On stop it stops listening
+directories and loads the store (jobs a dead daemon left ``running`` become
+``interrupted``, their leftover clients are stopped and their ports kept
+until they are gone) before its children start listening.  On stop it stops listening
 first, then stops every backup client (TERM, then KILL) and closes the store.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -18,6 +20,9 @@ from twisted.python.filepath import FilePath
 from sna.jobs.manager import JobManager
 from sna.jobs.store import IJobStore
 from sna.sbc.process import LogDirectory
+
+#: How often finished jobs past the retention period are forgotten.
+PRUNE_INTERVAL = 3600.0
 
 
 class SnaService(MultiService):
@@ -36,6 +41,7 @@ class SnaService(MultiService):
         self._state_dir = state_dir
         self._log_dir = log_dir
         self.recovered: Optional[Deferred[Any]] = None
+        TimerService(PRUNE_INTERVAL, manager.prune).setServiceParent(self)
 
     def startService(self) -> None:
         self._state_dir.makedirs(ignoreExistingDirectory=True)

@@ -21,7 +21,7 @@ from sna import __version__
 from sna.api.app import SnaAPI
 from sna.api.auth import BearerTokenAuthorization, read_token
 from sna.api.http import make_site
-from sna.config import ConfigError, PortRange, Settings, parse_hosts
+from sna.config import ConfigError, Settings
 from sna.jobs.manager import JobManager
 from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
@@ -31,18 +31,12 @@ from sna.service import SnaService
 log = Logger()
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be above 0")
-    return number
+def _number(text: str, kind: type[int] | type[float]) -> object:
+    """``text`` as a number when it is one; left as text for the settings check to refuse."""
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        return text
 
 
 class Options(usage.Options):
@@ -82,26 +76,52 @@ class Options(usage.Options):
             "127.0.0.1,::1,localhost",
             "Allowed NBD hosts, comma-separated.",
         ],
-        ["max-jobs", None, 8, "Most backup jobs running at once.", _positive_int],
+        ["max-jobs", None, "8", "Most backup jobs running at once (1-1024)."],
         [
             "kill-grace",
             None,
-            30.0,
+            "30",
             "Seconds between SIGTERM and SIGKILL when stopping a client.",
-            _positive_float,
+        ],
+        [
+            "job-retention-days",
+            None,
+            "30",
+            "Days finished jobs are kept in the job list (0: forever).",
         ],
     ]
+
+    # Option names of the run-time settings, for error messages.
+    _SETTING_OPTIONS = {
+        "max_jobs": "--max-jobs",
+        "kill_grace_seconds": "--kill-grace",
+        "job_retention_days": "--job-retention-days",
+        "nbd_ports": "--nbd-ports",
+        "nbd_hosts": "--nbd-hosts",
+    }
 
     def opt_version(self) -> None:
         print(f"sna {__version__}")
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        # The same checks as PUT /api/v1/config, so both accept the same values.
         try:
-            self["nbd-ports"] = PortRange.parse(self["nbd-ports"], "--nbd-ports")
-            self["nbd-hosts"] = parse_hosts(self["nbd-hosts"], "--nbd-hosts")
+            self["settings"] = Settings().updated(
+                {
+                    "max_jobs": _number(self["max-jobs"], int),
+                    "kill_grace_seconds": _number(self["kill-grace"], float),
+                    "job_retention_days": _number(self["job-retention-days"], int),
+                    "nbd_ports": self["nbd-ports"],
+                    "nbd_hosts": self["nbd-hosts"],
+                }
+            )
         except ConfigError as e:
-            raise usage.UsageError(e.message) from None
+            option = self._SETTING_OPTIONS.get(e.key, e.key)
+            raise usage.UsageError(e.message.replace(e.key, option, 1)) from None
+        settings: Settings = self["settings"]
+        self["nbd-ports"], self["nbd-hosts"] = settings.nbd_ports, settings.nbd_hosts
+        self["max-jobs"], self["kill-grace"] = settings.max_jobs, settings.kill_grace
         if self["auth-token-file"] is not None:
             try:
                 self["auth-token"] = read_token(self["auth-token-file"])
@@ -122,12 +142,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         reactor = default_reactor
     state_dir = FilePath(config["state-dir"]).asTextMode()
     log_dir = LogDirectory(FilePath(config["log-dir"]).asTextMode(), state_dir.child("log"))
-    settings = Settings(
-        max_jobs=config["max-jobs"],
-        nbd_ports=config["nbd-ports"],
-        nbd_hosts=config["nbd-hosts"],
-        kill_grace=config["kill-grace"],
-    )
+    settings: Settings = config["settings"]
     store = SQLiteJobStore(state_dir.child("sna.sqlite"))
     launcher = ProcessLauncher(reactor, reactor, config["sbc"], log_dir, utcnow)
     manager = JobManager(store, launcher, reactor, settings, utcnow)
@@ -151,7 +166,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
 def _loopback_only(description: str) -> bool:
     """Whether an endpoint string binds loopback (or a UNIX socket) only."""
     kind, _, rest = description.partition(":")
-    if kind in ("unix", "systemd"):
+    if kind == "unix":
         return True
     for part in re.split(r"(?<!\\):", rest):
         name, _, value = part.replace("\\:", ":").partition("=")

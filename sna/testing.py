@@ -48,6 +48,10 @@ class MemoryJobStore:
     def load_all(self) -> list[Job]:
         return sorted((Job.from_record(r) for r in self.jobs.values()), key=lambda j: j.started_at)
 
+    def delete(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.jobs.pop(job_id, None)
+
     def load_settings(self) -> dict[str, Any]:
         return dict(self.settings)
 
@@ -132,7 +136,12 @@ class FakeLauncher:
         job_log = JobLog(self._log_dir.current.child(f"backup-{request.job_id}.log"), fixed_now)
         parser = parser_for(self.command.legacy)
         protocol = BackupClientProtocol(
-            request.job_id, observer, job_log, parser, parser if self.command.legacy else None
+            request.job_id,
+            observer,
+            job_log,
+            parser,
+            parser if self.command.legacy else None,
+            secrets=(request.vcenter_password,),
         )
         transport = FakeProcessTransport(protocol, next(self._pids), self.dies_on)
         protocol.makeConnection(transport)  # type: ignore[no-untyped-call]

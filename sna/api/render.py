@@ -101,9 +101,9 @@ def progress(job: Job, now: datetime) -> dict[str, Any]:
     elapsed = max((((job.ended_at or now) - job.started_at).total_seconds()), 0.0)
     done, total = job.bytes_done, job.bytes_total or 0
     if job.status is JobStatus.RUNNING:
-        state = push.status if push is not None else "in_progress"
-        phase = push.stage if push is not None else _PHASES.get(job.phase, job.phase)
-        percent = push.percent if push is not None and not job.disks else job.progress_percent
+        state = (push.status if push is not None else "") or "in_progress"
+        phase = (push.stage if push is not None else "") or _PHASES.get(job.phase, job.phase)
+        percent = job.progress_percent
     else:
         # The SHA knows only completed and failed as final states.
         state = "completed" if job.status is JobStatus.COMPLETED else "failed"

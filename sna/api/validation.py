@@ -132,12 +132,14 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
     if backup_type not in ("full", "incremental"):
         raise invalid("backup_type", "backup_type must be 'full' or 'incremental'")
     previous = _string(body, "previous_change_id", False)
-    if previous is not None and (previous.strip() in ("", PLACEHOLDER)):
-        previous = None
-    if backup_type == "incremental" and previous is None:
+    if backup_type == "incremental" and not (previous or "").strip():
         raise invalid(
             "previous_change_id", "previous_change_id is required for incremental backups"
         )
+    if previous is not None and previous.strip() in ("", PLACEHOLDER):
+        # What the real SHA sends when it does not know: an incremental from an
+        # unknown point, which the client turns into a full per disk (and says so).
+        previous = None
     targets = parse_targets(values["nbd_targets"] or "", settings)
     return BackupRequest(
         job_id=job_id,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sna.config import Settings
+from sna.config import ConfigError, Settings
 from sna.jobs.model import BackupRequest, Job, JobStatus, PushedProgress
 from sna.jobs.store import IJobStore
 from sna.sbc import events
@@ -103,6 +103,8 @@ class JobManager:
         self._processes: dict[str, ClientProcess] = {}
         self._save_calls: dict[str, IDelayedCall] = {}
         self._stopping = False
+        #: NBD ports of clients left by a dead daemon, until they are gone.
+        self._reserved: dict[int, str] = {}
 
     # -- lifecycle ------------------------------------------------------
 
@@ -112,10 +114,7 @@ class JobManager:
         Their clients, if still alive, are terminated; the Deferred fires when
         they are gone.
         """
-        stored = self._store.load_settings()
-        if stored:
-            self.settings = self.settings.updated(stored)
-            self.log.info("run-time settings from the store: {settings}", settings=stored)
+        self._apply_stored_settings()
         leftovers = []
         for job in self._store.load_all():
             if job.status.active:
@@ -123,13 +122,57 @@ class JobManager:
                 self._store.save(job)
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
                 if job.pid:
-                    leftovers.append(
-                        terminate_leftover(
-                            self._clock, job.pid, job.job_id, self.settings.kill_grace
-                        )
-                    )
+                    leftovers.append(self._stop_leftover(job))
             self._jobs[job.job_id] = job
+        self.prune()
         return DeferredList(leftovers, consumeErrors=True)
+
+    def _apply_stored_settings(self) -> None:
+        for key, value in self._store.load_settings().items():
+            try:
+                self.settings = self.settings.updated({key: value})
+            except ConfigError as e:
+                self.log.error("ignoring stored setting {key}: {reason}", key=key, reason=e.message)
+            else:
+                self.log.info("stored setting {key} = {value}", key=key, value=value)
+
+    def _stop_leftover(self, job: Job) -> Deferred[bool]:
+        # Its ports stay taken until it is gone: a new job must not share a hub
+        # port with a client that is still writing.
+        ports = [d.port for d in job.disks]
+        for port in ports:
+            self._reserved[port] = job.job_id
+        assert job.pid is not None
+        d = terminate_leftover(self._clock, job.pid, job.job_id, self.settings.kill_grace)
+
+        def release(result: bool) -> bool:
+            for port in ports:
+                self._reserved.pop(port, None)
+            return result
+
+        return d.addBoth(release)
+
+    def prune(self) -> list[str]:
+        """Forget finished jobs older than the retention period; returns their ids."""
+        days = self.settings.retention_days
+        if not days:
+            return []
+        cutoff = self._now() - timedelta(days=days)
+        old = [
+            j.job_id
+            for j in self._jobs.values()
+            if not j.status.active and (j.ended_at or j.last_update) < cutoff
+        ]
+        if old:
+            self._store.delete(old)
+            for job_id in old:
+                del self._jobs[job_id]
+            self.log.info(
+                "forgot {count} job(s) finished more than {days} days ago",
+                count=len(old),
+                days=days,
+            )
+        return old
 
     def stop(self) -> Deferred[Any]:
         """Stop every client (TERM, then KILL) and write every record."""
@@ -178,6 +221,11 @@ class JobManager:
                 raise PortInUse(
                     f"NBD port {target.port} (disk {target.disk_key}) is in use by "
                     f"running job {ports[target.port]}"
+                )
+            if target.port in self._reserved:
+                raise PortInUse(
+                    f"NBD port {target.port} (disk {target.disk_key}) is still in use by the "
+                    f"client of interrupted job {self._reserved[target.port]}, being stopped"
                 )
         if len(active) >= self.settings.max_jobs:
             raise AtCapacity(

@@ -9,6 +9,7 @@ datetimes.  No secret is ever part of a :class:`Job`.
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Optional
@@ -46,7 +47,8 @@ class NbdTarget:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{self.export}"
+        # Quoted: an export name may hold a comma, which separates --nbd-targets entries.
+        return f"nbd://{host}:{self.port}/{urllib.parse.quote(self.export, safe='')}"
 
     @property
     def spec(self) -> str:
@@ -91,13 +93,39 @@ class DiskState:
 class PushedProgress:
     """The last progress pushed by the legacy Go client to ``/progress/{id}/update``."""
 
-    stage: str = "Discover"
-    status: str = "Queued"
+    stage: str = ""
+    status: str = ""
     sync_type: str = ""
     bytes_transferred: int = 0
     total_bytes: int = 0
     throughput_bps: float = 0.0
     percent: float = 0.0
+
+
+# The Go SNA's names for the Go client's stages (its mapStageToOperation).
+_STAGE_OPERATIONS = {
+    "Discover": "Discovering VM",
+    "EnableCBT": "Enabling CBT",
+    "QueryCBT": "Querying CBT",
+    "Snapshot": "Creating Snapshot",
+    "PrepareVolumes": "Preparing Volumes",
+    "StartExports": "Starting Exports",
+    "Transfer": "Transferring Data",
+    "Finalize": "Finalizing",
+    "PersistChangeIDs": "Persisting Change IDs",
+}
+
+
+def stage_operation(stage: str) -> str:
+    return _STAGE_OPERATIONS.get(stage, stage)
+
+
+def _disk_fraction(disk: DiskState) -> float:
+    if disk.status == "completed":
+        return 1.0
+    if disk.bytes_total:
+        return min(disk.bytes_done / disk.bytes_total, 1.0)
+    return 0.0
 
 
 def utcnow() -> datetime:
@@ -149,14 +177,23 @@ class Job:
     # -- derived values -------------------------------------------------
 
     @property
+    def reports_per_disk(self) -> bool:
+        """Whether the client tells us about disks, not only an aggregate (the Go pushes)."""
+        return any(d.status != "pending" or d.bytes_total is not None for d in self.disks)
+
+    @property
     def bytes_done(self) -> int:
-        per_disk = sum(d.bytes_done for d in self.disks)
-        return max(per_disk, self.aggregate_done)
+        if self.reports_per_disk:
+            return sum(d.bytes_done for d in self.disks)
+        return self.aggregate_done
 
     @property
     def bytes_total(self) -> Optional[int]:
-        if self.disks and all(d.bytes_total is not None for d in self.disks):
-            return sum(d.bytes_total or 0 for d in self.disks)
+        """Bytes to copy over all disks, ``None`` while any disk's size is unknown."""
+        if self.reports_per_disk:
+            if all(d.bytes_total is not None for d in self.disks):
+                return sum(d.bytes_total or 0 for d in self.disks)
+            return None
         return self.aggregate_total
 
     @property
@@ -165,11 +202,18 @@ class Job:
         if self.status is JobStatus.COMPLETED:
             return 100.0
         total = self.bytes_total
-        if not total:
-            done_disks = sum(1 for d in self.disks if d.status == "completed")
-            percent = 100.0 * done_disks / len(self.disks) if self.disks else 0.0
-        else:
+        if self.reports_per_disk:
+            if total:
+                percent = 100.0 * min(self.bytes_done, total) / total
+            else:
+                # Some disk's size is not known yet: weigh the disks equally.
+                percent = 100.0 * sum(_disk_fraction(d) for d in self.disks) / len(self.disks)
+        elif self.pushed is not None and self.pushed.percent:
+            percent = self.pushed.percent
+        elif total:
             percent = 100.0 * min(self.bytes_done, total) / total
+        else:
+            percent = 0.0
         return min(round(percent, 2), 99.99)
 
     # -- transitions ----------------------------------------------------
@@ -270,7 +314,7 @@ class Job:
             aggregate_done=push.bytes_transferred or self.aggregate_done,
             aggregate_total=push.total_bytes or self.aggregate_total,
             throughput_bps=push.throughput_bps,
-            current_operation=push.stage or self.current_operation,
+            current_operation=stage_operation(push.stage) or self.current_operation,
         )
 
     def cancelling(self, now: datetime) -> Job:

@@ -44,6 +44,9 @@ class IJobStore(Interface):
     def load_all() -> list[Job]:
         """Every stored job, oldest first."""
 
+    def delete(job_ids: list[str]) -> None:
+        """Forget these jobs."""
+
     def load_settings() -> dict[str, Any]:
         """The run-time settings changed through the API, by wire name."""
 
@@ -94,6 +97,12 @@ class SQLiteJobStore:
     def load_all(self) -> list[Job]:
         rows = self._conn().execute("SELECT record FROM jobs ORDER BY started_at, job_id")
         return [Job.from_record(json.loads(record)) for (record,) in rows]
+
+    def delete(self, job_ids: list[str]) -> None:
+        db = self._conn()
+        with db:
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
 
     def count_by_status(self) -> dict[JobStatus, int]:
         rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")

@@ -55,6 +55,9 @@ PASSED_ENV = (
     "SHA_API_URL",
 )
 
+#: What a secret is replaced with wherever it would be shown.
+MASK = "********"
+
 #: Lines longer than this are cut: a runaway child must not grow our memory.
 MAX_LINE = 64 * 1024
 
@@ -155,6 +158,7 @@ class JobLog:
         if self._file is None:
             return
         stamp = self._now().astimezone(UTC).isoformat(timespec="milliseconds")
+        stamp = stamp.replace("+00:00", "Z")
         self._file.write(f"{stamp} {stream} {line}\n".encode("utf-8", "replace"))
         self._file.flush()
 
@@ -229,8 +233,12 @@ class BackupClientProtocol(ProcessProtocol):
         job_log: JobLog,
         stdout_parser: ILineParser,
         stderr_parser: Optional[ILineParser],
+        secrets: Sequence[str] = (),
     ) -> None:
         self.job_id = job_id
+        # A client may echo its password (in an error, a URL, a traceback): every
+        # line is masked before it is logged, parsed or kept.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._observer = observer
         self._job_log = job_log
         self._parsers = {"stdout": stdout_parser, "stderr": stderr_parser}
@@ -251,6 +259,8 @@ class BackupClientProtocol(ProcessProtocol):
             self._line("stderr", line)
 
     def _line(self, stream: str, line: str) -> None:
+        for secret in self._secrets:
+            line = line.replace(secret, MASK)
         self._job_log.write(stream, line)
         parser = self._parsers[stream]
         if parser is not None:
@@ -379,7 +389,12 @@ class ProcessLauncher:
         legacy = self.command.legacy
         parser = parser_for(legacy)
         protocol = BackupClientProtocol(
-            request.job_id, observer, job_log, parser, parser if legacy else None
+            request.job_id,
+            observer,
+            job_log,
+            parser,
+            parser if legacy else None,
+            secrets=(request.vcenter_password,),
         )
         try:
             transport = self._reactor.spawnProcess(protocol, executable, args, env=env, path=None)
@@ -396,7 +411,7 @@ class ProcessLauncher:
     @staticmethod
     def _shown(args: Sequence[str], request: BackupRequest) -> str:
         """The command line as it may be logged: the password masked."""
-        return shlex.join("********" if a == request.vcenter_password else a for a in args)
+        return shlex.join(MASK if a == request.vcenter_password else a for a in args)
 
 
 def process_cmdline(pid: int) -> Optional[list[str]]:

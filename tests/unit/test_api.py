@@ -58,7 +58,7 @@ def test_empty_string_counts_as_missing(harness: Harness, field: str) -> None:
         ({"backup_type": "weekly"}, "backup_type", "backup_type must be 'full' or 'incremental'"),
         ({"backup_type": None}, "backup_type", "backup_type must be 'full' or 'incremental'"),
         (
-            {"backup_type": "incremental", "previous_change_id": "PLACEHOLDER"},
+            {"backup_type": "incremental", "previous_change_id": "  "},
             "previous_change_id",
             "previous_change_id is required for incremental backups",
         ),
@@ -115,6 +115,25 @@ def test_target_errors(harness: Harness, targets: str, reason: str) -> None:
     assert (code, body["field"]) == (400, "nbd_targets")
     assert reason in body["message"]
     assert harness.launcher.requests == {}
+
+
+def test_placeholder_is_an_unknown_change_id(harness: Harness) -> None:
+    """The real SHA sends this; it starts, and the client is given no change ID."""
+    body = backup_body(backup_type="incremental", previous_change_id="PLACEHOLDER")
+    assert harness.request("POST", "/api/v1/backup/start", body)[0] == 200
+    request = harness.launcher.requests["backup-pgtest1-1760099954"]
+    assert request.backup_type == "incremental"
+    assert request.previous_change_id is None
+    args = harness.launcher.command.arguments(request)
+    assert "--previous-change-id" not in args and "PLACEHOLDER" not in args
+
+
+def test_export_names_are_quoted_for_the_client(harness: Harness) -> None:
+    body = backup_body(nbd_targets="2000:nbd://127.0.0.1:10100/my%2Cvm%20disk0")
+    assert harness.request("POST", "/api/v1/backup/start", body)[0] == 200
+    [target] = harness.launcher.requests["backup-pgtest1-1760099954"].targets
+    assert target.export == "my,vm disk0"
+    assert target.spec == "2000:nbd://127.0.0.1:10100/my%2Cvm%20disk0"
 
 
 def test_ipv6_loopback_target(harness: Harness) -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
+import attrs
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 
 from sna.config import Settings
-from sna.jobs.manager import JobManager, ShuttingDown
+from sna.jobs import manager as manager_module
+from sna.jobs.manager import JobManager, PortInUse, ShuttingDown
 from sna.jobs.model import JobStatus
 from sna.testing import FakeLauncher, MemoryJobStore, SteppingClock
-from tests.unit.test_model import make_job
+from tests.unit.test_model import T0, make_job
 from tests.unit.test_process import REQUEST
 
 
@@ -103,3 +107,40 @@ def test_a_failed_launch_restores_the_previous_record(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="gone"):
         manager.start(REQUEST)
     assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
+
+
+def test_bad_stored_settings_are_skipped(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    store.settings = {"max_jobs": "lots", "kill_grace_seconds": 2, "bogus": 1}
+    manager, _, _, _ = make_manager(tmp_path, store)
+    manager.recover()
+    assert (manager.settings.max_jobs, manager.settings.kill_grace) == (8, 2.0)
+
+
+def test_finished_jobs_past_retention_are_forgotten(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    old = make_job().ended(T0 - timedelta(days=31), 0, None, None)
+    store.save(old)
+    store.save(attrs.evolve(make_job(), job_id="recent").ended(T0, 1, None, None))
+    manager, _, _, _ = make_manager(tmp_path, store)
+    manager.recover()
+    assert [j.job_id for j in manager.jobs()] == ["recent"]
+    assert list(store.jobs) == ["recent"]
+    manager.configure({"job_retention_days": 0})
+    manager._now.advance(86400 * 365)  # type: ignore[attr-defined]
+    assert manager.prune() == []
+
+
+def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone: Deferred[bool] = Deferred()
+    monkeypatch.setattr(manager_module, "terminate_leftover", lambda *a: gone)
+    store = MemoryJobStore()
+    store.save(attrs.evolve(make_job(), job_id=REQUEST.job_id, pid=4242))
+    manager, _, _, _ = make_manager(tmp_path, store)
+    manager.recover()
+    with pytest.raises(PortInUse, match="interrupted job"):
+        manager.start(REQUEST)
+    gone.callback(True)
+    assert manager.start(REQUEST).status is JobStatus.RUNNING

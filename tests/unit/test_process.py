@@ -153,9 +153,29 @@ def test_lines_split_across_reads(tmp_path: Path) -> None:
     assert recorder.events[-1] == events.Done()
     assert recorder.ended == (0, None, "warn: slow")
     text = log.read_text()
-    assert "2026-11-26T12:00:00.000+00:00 stdout {" in text
+    assert "2026-11-26T12:00:00.000Z stdout {" in text
     assert "stderr warn: slow\n" in text
     assert "process ended: exit_code=0" in text
+
+
+def test_a_password_the_client_echoes_is_masked(tmp_path: Path) -> None:
+    log = tmp_path / "backup-j.log"
+    recorder = Recorder()
+    protocol = BackupClientProtocol(
+        "j",
+        recorder,
+        JobLog(FilePath(str(log)), fixed_now),
+        JsonLineParser(),
+        None,
+        secrets=("pa55 word",),
+    )
+    line = {"event": "error", "message": "login failed for admin/pa55 word"}
+    protocol.outReceived(json.dumps(line).encode() + b"\n")
+    protocol.errReceived(b"Error: bad password pa55 word\n")
+    protocol.processEnded(Failure(ierror.ProcessTerminated(exitCode=1)))
+    assert recorder.events == [events.Error("login failed for admin/********")]
+    assert recorder.ended == (1, None, "Error: bad password ********")
+    assert "pa55" not in log.read_text()
 
 
 def test_killed_process(tmp_path: Path) -> None:

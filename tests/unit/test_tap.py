@@ -50,10 +50,14 @@ def test_help_names_every_option() -> None:
         ["--kill-grace", "-3"],
         ["--sbc", ""],
         ["--nbd-hosts", ","],
+        ["--max-jobs", "2000"],
+        ["--max-jobs", "many"],
+        ["--kill-grace", "7200"],
+        ["--job-retention-days", "-1"],
     ],
 )
 def test_bad_options(argv: list[str]) -> None:
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(usage.UsageError, match=argv[0]):
         Options().parseOptions(argv)
 
 
