@@ -24,6 +24,10 @@ PLACEHOLDER = "PLACEHOLDER"
 
 MAX_TARGETS = 256
 MAX_EXPORT = 4096  # the NBD protocol's limit on export names
+#: Longest value of a text field: they become the client's argv and environment,
+#: where Linux allows 128 KiB per string, and no real value comes near this.
+MAX_FIELD = 4096
+MAX_TARGETS_TEXT = 64 * 1024
 _REQUIRED = (
     "job_id",
     "vm_name",
@@ -49,6 +53,9 @@ def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str
         raise invalid(field, f"{field} must be a string")
     if "\0" in value:
         raise invalid(field, f"{field} must not contain NUL characters")
+    limit = MAX_TARGETS_TEXT if field == "nbd_targets" else MAX_FIELD
+    if len(value) > limit:
+        raise invalid(field, f"{field} is too long ({len(value)} characters, at most {limit})")
     return value
 
 

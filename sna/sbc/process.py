@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -53,6 +54,13 @@ PASSED_ENV = (
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
     "SHA_API_URL",
+)
+
+#: Lines that say what went wrong, preferred over the last line (a Go panic is
+#: followed by its goroutine dump, a cobra error by the usage text).
+_ERROR_LINE = re.compile(
+    r"^(panic: |fatal error: |Error: |Traceback |[A-Za-z_.]*(Error|Exception): )"
+    r"|level=(error|fatal|panic)\b"
 )
 
 #: What a secret is replaced with wherever it would be shown.
@@ -244,6 +252,7 @@ class BackupClientProtocol(ProcessProtocol):
         self._parsers = {"stdout": stdout_parser, "stderr": stderr_parser}
         self._lines = {"stdout": _Lines(), "stderr": _Lines()}
         self.last_output: Optional[str] = None
+        self.last_error_line: Optional[str] = None
         self.ended: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -268,6 +277,8 @@ class BackupClientProtocol(ProcessProtocol):
                 self._observer.event_received(event)
         if stream == "stderr" and line.strip():
             self.last_output = line.strip()
+            if _ERROR_LINE.search(line):
+                self.last_error_line = self.last_output
 
     def processEnded(self, reason: Failure) -> None:
         for stream, lines in self._lines.items():
@@ -289,7 +300,9 @@ class BackupClientProtocol(ProcessProtocol):
             exit_signal=exit_signal,
         )
         try:
-            self._observer.process_ended(exit_code, exit_signal, self.last_output)
+            self._observer.process_ended(
+                exit_code, exit_signal, self.last_error_line or self.last_output
+            )
         finally:
             self.ended.callback(None)
 
@@ -381,8 +394,10 @@ class ProcessLauncher:
         executable = self.command.executable()
         args = [executable, *self.command.arguments(request)]
         env = self.command.environment(request, self._environ)
+        log_path = self.log_path(request.job_id)
+        new_log = not log_path.exists()
         try:
-            job_log = JobLog(self.log_path(request.job_id), self._now)
+            job_log = JobLog(log_path, self._now)
         except OSError as e:
             raise ClientUnavailable(f"cannot open the job log: {e.strerror}") from e
         job_log.write("sna", f"starting {self._shown(args, request)}")
@@ -400,6 +415,9 @@ class ProcessLauncher:
             transport = self._reactor.spawnProcess(protocol, executable, args, env=env, path=None)
         except OSError as e:
             job_log.close()
+            if new_log:
+                # No job exists: leave no log claiming one did.
+                log_path.remove()
             raise ClientUnavailable(f"cannot start backup client {executable}: {e}") from e
         process = ClientProcess(transport, protocol, self._clock)
         job_log.write("sna", f"pid {process.pid}")

@@ -216,14 +216,6 @@ def test_duplicate_disk_keys_and_ports(sna: Daemon, job_ids: JobIds) -> None:
         assert f"port {a}" in ports["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sna bug: no length limit on the string fields that become the client's argv/env; "
-        "one over Linux's 128 KiB MAX_ARG_STRLEN makes execve fail (E2BIG) and the API "
-        "answers 500 backup_client_unavailable, leaving an orphan backup-{job_id}.log"
-    ),
-)
 @pytest.mark.parametrize("field", ["vcenter_password", "vcenter_user", "vm_path"])
 def test_oversized_field(sna: Daemon, job_ids: JobIds, field: str) -> None:
     """A field too long for any client is the caller's error (400), not ours (500)."""

@@ -178,6 +178,28 @@ def test_a_password_the_client_echoes_is_masked(tmp_path: Path) -> None:
     assert "pa55" not in log.read_text()
 
 
+@pytest.mark.parametrize(
+    ("stderr", "reason"),
+    [
+        (
+            b"panic: interface conversion\n\ngoroutine 1 [running]:\nmain.go:412 +0x1c4\n",
+            "panic: interface conversion",
+        ),
+        (b"Error: no VM at /DC/vm/x\nUsage:\n  migrate [flags]\n", "Error: no VM at /DC/vm/x"),
+        (
+            b"Traceback (most recent call last):\n  File x\nOSError: disk gone\n",
+            "OSError: disk gone",
+        ),
+        (b"just some words\n", "just some words"),
+    ],
+)
+def test_the_line_that_explains_a_failure(tmp_path: Path, stderr: bytes, reason: str) -> None:
+    protocol, recorder, _ = make_protocol(tmp_path)
+    protocol.errReceived(stderr)
+    protocol.processEnded(Failure(ierror.ProcessTerminated(exitCode=2)))
+    assert recorder.ended == (2, None, reason)
+
+
 def test_killed_process(tmp_path: Path) -> None:
     protocol, recorder, _ = make_protocol(tmp_path)
     protocol.processEnded(Failure(ierror.ProcessTerminated(exitCode=None, signal=9)))
