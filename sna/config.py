@@ -102,9 +102,18 @@ class Settings:
     kill_grace: float = 30.0
     #: Finished jobs older than this many days are forgotten; 0 keeps them all.
     retention_days: int = 30
+    #: Seconds an NBD target may take to answer the pre-job handshake probe.
+    probe_timeout: float = 5.0
 
     #: Keys of ``PUT /api/v1/config`` and of the persisted copy.
-    KEYS = ("max_jobs", "nbd_ports", "nbd_hosts", "kill_grace_seconds", "job_retention_days")
+    KEYS = (
+        "max_jobs",
+        "nbd_ports",
+        "nbd_hosts",
+        "kill_grace_seconds",
+        "job_retention_days",
+        "nbd_probe_timeout_seconds",
+    )
 
     def updated(self, changes: Mapping[str, Any]) -> Settings:
         """A copy with ``changes`` (wire names) applied, every value checked."""
@@ -130,6 +139,11 @@ class Settings:
         if "kill_grace_seconds" in changes:
             grace = _positive_seconds("kill_grace_seconds", changes["kill_grace_seconds"], 3600)
             new = attrs.evolve(new, kill_grace=grace)
+        if "nbd_probe_timeout_seconds" in changes:
+            timeout = _positive_seconds(
+                "nbd_probe_timeout_seconds", changes["nbd_probe_timeout_seconds"], 300
+            )
+            new = attrs.evolve(new, probe_timeout=timeout)
         if "job_retention_days" in changes:
             days = changes["job_retention_days"]
             if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 36500:
@@ -147,4 +161,5 @@ class Settings:
             "nbd_hosts": list(self.nbd_hosts),
             "kill_grace_seconds": self.kill_grace,
             "job_retention_days": self.retention_days,
+            "nbd_probe_timeout_seconds": self.probe_timeout,
         }

@@ -25,8 +25,11 @@ from sna.config import ConfigError, Settings
 from sna.jobs.manager import JobManager
 from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
+from sna.nbd.gateway import NbdGateway
+from sna.nbd.relay import RelayRegistry
 from sna.sbc.process import ClientCommand, LogDirectory, ProcessLauncher
 from sna.service import SnaService
+from sna.telemetry.metrics import Metrics
 
 log = Logger()
 
@@ -84,6 +87,12 @@ class Options(usage.Options):
             "Seconds between SIGTERM and SIGKILL when stopping a client.",
         ],
         [
+            "nbd-probe-timeout",
+            None,
+            "5",
+            "Seconds an NBD target may take to answer the pre-job handshake probe.",
+        ],
+        [
             "job-retention-days",
             None,
             "30",
@@ -96,6 +105,7 @@ class Options(usage.Options):
         "max_jobs": "--max-jobs",
         "kill_grace_seconds": "--kill-grace",
         "job_retention_days": "--job-retention-days",
+        "nbd_probe_timeout_seconds": "--nbd-probe-timeout",
         "nbd_ports": "--nbd-ports",
         "nbd_hosts": "--nbd-hosts",
     }
@@ -112,6 +122,7 @@ class Options(usage.Options):
                     "max_jobs": _number(self["max-jobs"], int),
                     "kill_grace_seconds": _number(self["kill-grace"], float),
                     "job_retention_days": _number(self["job-retention-days"], int),
+                    "nbd_probe_timeout_seconds": _number(self["nbd-probe-timeout"], float),
                     "nbd_ports": self["nbd-ports"],
                     "nbd_hosts": self["nbd-hosts"],
                 }
@@ -145,8 +156,18 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     settings: Settings = config["settings"]
     store = SQLiteJobStore(state_dir.child("sna.sqlite"))
     launcher = ProcessLauncher(reactor, reactor, config["sbc"], log_dir, utcnow)
-    manager = JobManager(store, launcher, reactor, settings, utcnow)
-    api = SnaAPI(manager, utcnow, time.monotonic)
+    relays = RelayRegistry()
+    metrics = Metrics(lambda: manager.counts(), relays)
+    manager = JobManager(
+        store,
+        launcher,
+        reactor,
+        settings,
+        utcnow,
+        gateway=NbdGateway(reactor, relays),
+        on_probe_failure=metrics.probe_failed,
+    )
+    api = SnaAPI(manager, utcnow, time.monotonic, metrics)
     service = SnaService(manager, store, state_dir, log_dir)
     resource = api.resource()
     if config["auth-token"] is not None:

@@ -8,10 +8,12 @@ imports this module.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
 from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -20,6 +22,10 @@ from zope.interface import implementer
 
 from sna.jobs.model import BackupRequest, Job
 from sna.jobs.store import IJobStore
+from sna.nbd.gateway import ITargetGateway
+from sna.nbd.probe import NbdAddress, ProbeFailed, ProbeResult
+from sna.nbd.relay import RelayStats
+from sna.nbd.wire import ExportInfo
 from sna.sbc.parse import parser_for
 from sna.sbc.process import (
     BackupClientProtocol,
@@ -148,6 +154,72 @@ class FakeLauncher:
         self.transports[request.job_id] = transport
         self.requests[request.job_id] = request
         return ClientProcess(transport, protocol, self._clock)
+
+
+@implementer(ITargetGateway)
+class FakeGateway:
+    """Targets that answer (or fail) as told, and relays that are only numbers."""
+
+    def __init__(self) -> None:
+        #: Probe failures by target port.
+        self.failures: dict[int, ProbeFailed] = {}
+        #: Relays by job: {disk_key: listen_port}.
+        self.open: dict[str, dict[str, int]] = {}
+        self.counts: dict[str, dict[str, tuple[int, int]]] = {}
+        self.lost: dict[str, Callable[[str, str], None]] = {}
+        self.probed: list[str] = []
+        self._ports = itertools.count(30000)
+
+    def probe(
+        self, targets: Sequence[NbdAddress], timeout: float
+    ) -> Deferred[list[ProbeResult[Any]]]:
+        results: list[ProbeResult[Any]] = []
+        for target in targets:
+            self.probed.append(target.disk_key)
+            error = self.failures.get(target.port)
+            if error is None:
+                info = ExportInfo(target.export, 1 << 30, 0, 1, 4096, 32 << 20)
+                results.append(ProbeResult(target, info=info))
+            else:
+                results.append(ProbeResult(target, error=error))
+        return succeed(results)
+
+    def open_relays(
+        self, job_id: str, targets: Sequence[NbdAddress], on_lost: Callable[[str, str], None]
+    ) -> Deferred[list[int]]:
+        ports = {t.disk_key: next(self._ports) for t in targets}
+        self.open[job_id] = ports
+        self.counts[job_id] = {key: (0, 0) for key in ports}
+        self.lost[job_id] = on_lost
+        return succeed(list(ports.values()))
+
+    def close_relays(self, job_id: str) -> Deferred[None]:
+        self.open.pop(job_id, None)
+        return succeed(None)
+
+    def stats(self, job_id: str) -> list[RelayStats]:
+        return [
+            RelayStats(
+                port=0,
+                listen_port=port,
+                job_id=job_id,
+                export="",
+                disk_key=key,
+                state="connected",
+                bytes_to_hub=self.counts[job_id][key][0],
+                bytes_from_hub=self.counts[job_id][key][1],
+                connections=1,
+                active_connections=1,
+                started_at=0.0,
+                bytes_per_second_current=0.0,
+                bytes_per_second_average=0.0,
+                upstream_error=None,
+            )
+            for key, port in self.open.get(job_id, {}).items()
+        ]
+
+    def all_stats(self) -> list[RelayStats]:
+        return [s for job_id in self.open for s in self.stats(job_id)]
 
 
 class SteppingClock:

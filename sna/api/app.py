@@ -30,10 +30,12 @@ from sna.jobs.manager import (
     JobError,
     JobManager,
     ShuttingDown,
+    TargetUnreachable,
     UnknownJob,
 )
 from sna.jobs.model import JobStatus
 from sna.sbc.process import ClientUnavailable
+from sna.telemetry.metrics import CONTENT_TYPE, Metrics
 
 _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (UnknownJob, 404),
@@ -61,8 +63,10 @@ class SnaAPI:
         manager: JobManager,
         now: Callable[[], datetime],
         monotonic: Callable[[], float],
+        metrics: Metrics,
     ) -> None:
         self._manager = manager
+        self._metrics = metrics
         self._now = now
         self._monotonic = monotonic
         self._started = monotonic()
@@ -78,6 +82,28 @@ class SnaAPI:
         error = failure.value
         assert isinstance(error, ApiError)
         return json_response(request, error.body(), error.status)
+
+    @app.handle_errors(TargetUnreachable)
+    def _unreachable(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, TargetUnreachable)
+        targets = []
+        for result in error.failures:
+            target, problem = result.target, result.error
+            assert problem is not None
+            targets.append(
+                {
+                    "disk_key": target.disk_key,
+                    "host": target.host,
+                    "port": target.port,
+                    "export": target.export,
+                    "reason": problem.reason,
+                    "message": problem.message,
+                }
+            )
+        body = {"error": error.code, "message": error.message, "targets": targets}
+        # A target that only timed out may come back (the tunnel): say "try later".
+        return json_response(request, body, 503 if error.timed_out_only else 502)
 
     @app.handle_errors(JobError)
     def _job_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -124,10 +150,10 @@ class SnaAPI:
     # -- backups --------------------------------------------------------
 
     @app.route("/api/v1/backup/start", methods=["POST"])
-    def backup_start(self, request: IRequest) -> bytes:
+    async def backup_start(self, request: IRequest) -> bytes:
         body = read_json_object(request)
         backup = parse_backup_request(body, self._manager.settings)
-        job = self._manager.start(backup)
+        job = await self._manager.start(backup)
         answer = {
             "job_id": job.job_id,
             "status": "started",
@@ -205,6 +231,17 @@ class SnaAPI:
             "max_jobs": self._manager.settings.max_jobs,
         }
         return json_response(request, body)
+
+    @app.route("/api/v1/relays", methods=["GET"])
+    def relays(self, request: IRequest) -> bytes:
+        now = self._monotonic()
+        relays = [render.relay(stats, now) for stats in self._manager.relays()]
+        return json_response(request, {"relays": relays, "count": len(relays)})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
+        return self._metrics.render()
 
     @app.route("/api/v1/config", methods=["GET"])
     def get_config(self, request: IRequest) -> bytes:

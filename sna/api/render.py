@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Optional
 
 from sna.jobs.model import DiskState, Job, JobStatus
+from sna.nbd.relay import RelayStats
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -28,6 +29,25 @@ def timestamp_seconds(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def relay(stats: RelayStats, now: float) -> dict[str, Any]:
+    return {
+        "job_id": stats.job_id,
+        "disk_key": stats.disk_key,
+        "export": stats.export,
+        "nbd_port": stats.port,
+        "listen_port": stats.listen_port,
+        "state": stats.state,
+        "bytes_to_hub": stats.bytes_to_hub,
+        "bytes_from_hub": stats.bytes_from_hub,
+        "connections": stats.connections,
+        "active_connections": stats.active_connections,
+        "throughput_bps": round(stats.bytes_per_second_current, 1),
+        "average_throughput_bps": round(stats.bytes_per_second_average, 1),
+        "uptime_seconds": round(max(now - stats.started_at, 0.0), 3),
+        "upstream_error": stats.upstream_error,
+    }
+
+
 def disk(d: DiskState) -> dict[str, Any]:
     return {
         "disk_key": d.disk_key,
@@ -39,6 +59,10 @@ def disk(d: DiskState) -> dict[str, Any]:
         "bytes_done": d.bytes_done,
         "bytes_total": d.bytes_total,
         "change_id": d.change_id,
+        "relay_port": d.relay_port,
+        "bytes_to_hub": d.bytes_to_hub,
+        "bytes_from_hub": d.bytes_from_hub,
+        "target_error": d.target_error,
     }
 
 
@@ -62,6 +86,8 @@ def status(job: Job) -> dict[str, Any]:
         "bytes_done": job.bytes_done,
         "bytes_total": job.bytes_total,
         "throughput_bps": job.throughput_bps,
+        "relay_bytes_to_hub": sum(d.bytes_to_hub for d in job.disks),
+        "relay_bytes_from_hub": sum(d.bytes_from_hub for d in job.disks),
         "disks": [disk(d) for d in job.disks],
     }
 

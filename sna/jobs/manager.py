@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
+import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -23,6 +24,9 @@ from zope.interface import implementer
 from sna.config import ConfigError, Settings
 from sna.jobs.model import BackupRequest, Job, JobStatus, PushedProgress
 from sna.jobs.store import IJobStore
+from sna.nbd.gateway import ITargetGateway
+from sna.nbd.probe import ProbeResult
+from sna.nbd.relay import RelayStats
 from sna.sbc import events
 from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher, terminate_leftover
 
@@ -60,6 +64,25 @@ class JobNotActive(JobConflict):
     code = "job_not_running"
 
 
+class TargetUnreachable(JobError):
+    """Some NBD target did not answer the probe; ``failures`` says which and why."""
+
+    code = "nbd_target_unreachable"
+
+    def __init__(self, failures: list[ProbeResult[Any]]) -> None:
+        self.failures = failures
+        parts = []
+        for result in failures:
+            target, error = result.target, result.error
+            assert error is not None
+            parts.append(f"disk {target.disk_key}: {error.message} ({error.reason})")
+        super().__init__("NBD target unreachable: " + "; ".join(parts))
+
+    @property
+    def timed_out_only(self) -> bool:
+        return all(r.error is not None and r.error.reason == "timeout" for r in self.failures)
+
+
 class AtCapacity(JobError):
     code = "too_many_jobs"
 
@@ -93,9 +116,13 @@ class JobManager:
         clock: IReactorTime,
         settings: Settings,
         now: Callable[[], datetime],
+        gateway: ITargetGateway,
+        on_probe_failure: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self._store = store
         self._launcher = launcher
+        self._gateway = gateway
+        self._on_probe_failure = on_probe_failure
         self._clock = clock
         self._now = now
         self.settings = settings
@@ -105,6 +132,10 @@ class JobManager:
         self._stopping = False
         #: NBD ports of clients left by a dead daemon, until they are gone.
         self._reserved: dict[int, str] = {}
+        #: Requests admitted whose client is not spawned yet (probing, relaying).
+        self._starting: dict[str, BackupRequest] = {}
+        #: Relays of ended jobs still closing.
+        self._closing: dict[str, Deferred[None]] = {}
 
     # -- lifecycle ------------------------------------------------------
 
@@ -180,10 +211,11 @@ class JobManager:
         stops = [p.stop(self.settings.kill_grace) for p in self._processes.values()]
         d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
 
-        def flushed(result: object) -> object:
+        def flushed(result: object) -> Deferred[Any]:
             for job_id in list(self._save_calls):
                 self._save_now(job_id)
-            return result
+            # Every job has ended by now, so each relay is closing; wait for them.
+            return DeferredList(list(self._closing.values()), consumeErrors=True)
 
         return d.addBoth(flushed)
 
@@ -191,12 +223,30 @@ class JobManager:
 
     def get(self, job_id: str) -> Job:
         try:
-            return self._jobs[job_id]
+            return self._with_relay_counts(self._jobs[job_id])
         except KeyError:
             raise UnknownJob(f"job {job_id} not found") from None
 
     def jobs(self, status: Optional[JobStatus] = None) -> list[Job]:
-        return [j for j in self._jobs.values() if status is None or j.status is status]
+        return [
+            self._with_relay_counts(j)
+            for j in self._jobs.values()
+            if status is None or j.status is status
+        ]
+
+    def _with_relay_counts(self, job: Job) -> Job:
+        """A running job with its relays' live byte counts (kept in the record at its end)."""
+        if not job.status.active:
+            return job
+        stats = self._gateway.stats(job.job_id)
+        if not stats:
+            return job
+        return job.with_relay_counts(
+            {s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats}
+        )
+
+    def relays(self) -> list[RelayStats]:
+        return self._gateway.all_stats()
 
     def counts(self) -> dict[str, int]:
         counted = Counter(j.status for j in self._jobs.values())
@@ -207,15 +257,31 @@ class JobManager:
 
     # -- commands -------------------------------------------------------
 
-    def start(self, request: BackupRequest) -> Job:
-        """Admit ``request`` and spawn its client; the job is running on return."""
+    async def start(self, request: BackupRequest) -> Job:
+        """Admit ``request``, probe and relay its targets, spawn its client.
+
+        The job is ``running`` on return.  Until the client is spawned the
+        request holds its job id and ports, so a concurrent start conflicts;
+        if any step fails nothing is left: no job, no relay, no process.
+        """
+        self._admit(request)
+        self._starting[request.job_id] = request
+        try:
+            return await self._start(request)
+        finally:
+            del self._starting[request.job_id]
+
+    def _admit(self, request: BackupRequest) -> None:
         if self._stopping:
             raise ShuttingDown("sna is shutting down")
         current = self._jobs.get(request.job_id)
-        if current is not None and current.status.active:
-            raise JobActive(f"job {request.job_id} is already running (pid {current.pid})")
+        if request.job_id in self._starting or (current is not None and current.status.active):
+            pid = f" (pid {current.pid})" if current is not None and current.pid else ""
+            raise JobActive(f"job {request.job_id} is already running{pid}")
         active = self.active_jobs()
         ports = {d.port: j.job_id for j in active for d in j.disks}
+        for starting in self._starting.values():
+            ports.update((t.port, starting.job_id) for t in starting.targets)
         for target in request.targets:
             if target.port in ports:
                 raise PortInUse(
@@ -227,20 +293,51 @@ class JobManager:
                     f"NBD port {target.port} (disk {target.disk_key}) is still in use by the "
                     f"client of interrupted job {self._reserved[target.port]}, being stopped"
                 )
-        if len(active) >= self.settings.max_jobs:
-            raise AtCapacity(
-                f"{len(active)} jobs are running, the maximum is {self.settings.max_jobs}"
-            )
+        running = len(active) + len(self._starting)
+        if running >= self.settings.max_jobs:
+            raise AtCapacity(f"{running} jobs are running, the maximum is {self.settings.max_jobs}")
         self._launcher.check()
-        job = Job.from_request(request, self._now())
+
+    async def _start(self, request: BackupRequest) -> Job:
+        results = await self._gateway.probe(request.targets, self.settings.probe_timeout)
+        failures = [r for r in results if r.error is not None]
+        if failures:
+            for result in failures:
+                assert result.error is not None
+                self._on_probe_failure(result.error.reason)
+            raise TargetUnreachable(failures)
+        if self._stopping:
+            raise ShuttingDown("sna is shutting down")
+        job_id = request.job_id
+        ports = await self._gateway.open_relays(
+            job_id, request.targets, lambda key, reason: self._upstream_lost(job_id, key, reason)
+        )
+        try:
+            if self._stopping:
+                raise ShuttingDown("sna is shutting down")
+            relayed = attrs.evolve(
+                request,
+                targets=tuple(
+                    attrs.evolve(target, host="127.0.0.1", port=port)
+                    for target, port in zip(request.targets, ports, strict=True)
+                ),
+            )
+            return self._spawn(request, relayed, ports)
+        except BaseException:
+            await self._gateway.close_relays(job_id)
+            raise
+
+    def _spawn(self, request: BackupRequest, relayed: BackupRequest, ports: list[int]) -> Job:
+        previous = self._jobs.get(request.job_id)
+        job = Job.from_request(request, self._now(), relay_ports=ports)
         self._jobs[job.job_id] = job
         try:
-            process = self._launcher.launch(request, _Observer(self, job.job_id))
+            process = self._launcher.launch(relayed, _Observer(self, job.job_id))
         except BaseException:
-            if current is None:
+            if previous is None:
                 del self._jobs[job.job_id]
             else:
-                self._jobs[job.job_id] = current
+                self._jobs[job.job_id] = previous
             raise
         self._processes[job.job_id] = process
         if process.running:
@@ -255,6 +352,19 @@ class JobManager:
             pid=process.pid,
         )
         return self._jobs[job.job_id]
+
+    def _upstream_lost(self, job_id: str, disk_key: str, reason: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or not job.status.active:
+            return
+        self.log.error(
+            "job {job_id}: NBD target of disk {disk_key} dropped: {reason}",
+            job_id=job_id,
+            disk_key=disk_key,
+            reason=reason,
+        )
+        self._update(job.target_lost(disk_key, reason, self._now()))
+        self._save_now(job_id)
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -309,11 +419,21 @@ class JobManager:
         last_output: Optional[str],
     ) -> None:
         self._processes.pop(job_id, None)
-        job = self._jobs[job_id].ended(
+        job = self._with_relay_counts(self._jobs[job_id])
+        job = job.ended(
             self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
         )
         self._update(job)
         self._save_now(job_id)
+        closing = self._gateway.close_relays(job_id)
+        self._closing[job_id] = closing
+
+        def closed(result: object) -> object:
+            if self._closing.get(job_id) is closing:
+                del self._closing[job_id]
+            return result
+
+        closing.addBoth(closed)
         self.log.info(
             "job {job_id} {status}: exit code {exit_code}, error {error}",
             job_id=job_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Optional
 
@@ -87,6 +87,13 @@ class DiskState:
     bytes_done: int = 0
     bytes_total: Optional[int] = None
     change_id: Optional[str] = None
+    #: The loopback relay the client was given for this disk's target.
+    relay_port: Optional[int] = None
+    #: Bytes that crossed the relay, each way.
+    bytes_to_hub: int = 0
+    bytes_from_hub: int = 0
+    #: Why the hub side of this disk's target dropped, if it did.
+    target_error: Optional[str] = None
 
 
 @attrs.frozen
@@ -160,7 +167,10 @@ class Job:
     pushed: Optional[PushedProgress] = None
 
     @classmethod
-    def from_request(cls, request: BackupRequest, now: datetime) -> Job:
+    def from_request(
+        cls, request: BackupRequest, now: datetime, relay_ports: Sequence[Optional[int]] = ()
+    ) -> Job:
+        ports = list(relay_ports) or [None] * len(request.targets)
         return cls(
             job_id=request.job_id,
             vm_name=request.vm_name,
@@ -169,7 +179,10 @@ class Job:
             vcenter_user=request.vcenter_user,
             backup_type=request.backup_type,
             previous_change_id=request.previous_change_id,
-            disks=tuple(DiskState(t.disk_key, t.export, t.port) for t in request.targets),
+            disks=tuple(
+                DiskState(t.disk_key, t.export, t.port, relay_port=relay)
+                for t, relay in zip(request.targets, ports, strict=True)
+            ),
             started_at=now,
             last_update=now,
         )
@@ -317,6 +330,27 @@ class Job:
             current_operation=stage_operation(push.stage) or self.current_operation,
         )
 
+    def with_relay_counts(self, counts: Mapping[str, tuple[int, int]]) -> Job:
+        """The byte counts of the disks' relays, ``{disk_key: (to_hub, from_hub)}``."""
+        disks = tuple(
+            attrs.evolve(
+                d, bytes_to_hub=counts[d.disk_key][0], bytes_from_hub=counts[d.disk_key][1]
+            )
+            if d.disk_key in counts
+            else d
+            for d in self.disks
+        )
+        return attrs.evolve(self, disks=disks)
+
+    def target_lost(self, disk_key: str, reason: str, now: datetime) -> Job:
+        """The hub side of a disk's NBD target dropped while the job ran."""
+        index = self._disk(disk_key)
+        if index is None or not self.status.active:
+            return self
+        disk = self.disks[index]
+        error = f"NBD target {disk.port} ({disk.export}) dropped: {reason}"
+        return self._with_disk(index, now, target_error=error)
+
     def cancelling(self, now: datetime) -> Job:
         if not self.status.active:
             raise InvalidTransition(f"job {self.job_id} is {self.status.value}")
@@ -349,8 +383,12 @@ class Job:
                 how = f"backup client exited with code {exit_code}"
             else:
                 how = f"backup client was killed by signal {exit_signal}"
+            # A dropped hub connection is the cause; what the client said follows from it.
+            causes = [f"disk {d.disk_key}: {d.target_error}" for d in self.disks if d.target_error]
             reason = self.error or last_output
-            error = f"{how}: {reason}" if reason else how
+            if reason:
+                causes.append(reason)
+            error = f"{how}: {'; '.join(causes)}" if causes else how
         disks = self.disks
         if status is not JobStatus.COMPLETED:
             disks = tuple(

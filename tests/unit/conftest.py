@@ -9,13 +9,17 @@ from typing import Any, Optional
 import attrs
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 
 from sna.api.app import SnaAPI
 from sna.config import Settings
 from sna.jobs.manager import JobManager
-from sna.testing import FakeLauncher, MemoryJobStore, SteppingClock
+from sna.jobs.model import BackupRequest, Job
+from sna.nbd.relay import RelayRegistry
+from sna.telemetry.metrics import Metrics
+from sna.testing import FakeGateway, FakeLauncher, MemoryJobStore, SteppingClock
 
 
 @attrs.define
@@ -24,6 +28,7 @@ class Harness:
     now: SteppingClock
     store: MemoryJobStore
     launcher: FakeLauncher
+    gateway: FakeGateway
     manager: JobManager
     api: SnaAPI
     treq: StubTreq
@@ -55,6 +60,11 @@ def _result(d: Any) -> Any:
     return results[0]
 
 
+def started(manager: JobManager, request: BackupRequest) -> Job:
+    """Run ``manager.start`` to its end (every fake fires at once)."""
+    return _result(ensureDeferred(manager.start(request)))
+
+
 def backup_body(**overrides: Any) -> dict[str, Any]:
     body = {
         "job_id": "backup-pgtest1-1760099954",
@@ -77,7 +87,18 @@ def harness(tmp_path: Any) -> Iterator[Harness]:
     now = SteppingClock()
     store = MemoryJobStore()
     launcher = FakeLauncher(clock, FilePath(str(tmp_path)).child("log"))
-    manager = JobManager(store, launcher, clock, Settings(max_jobs=3), now)
+    gateway = FakeGateway()
+    relays = RelayRegistry()
+    metrics = Metrics(lambda: manager.counts(), relays)
+    manager = JobManager(
+        store,
+        launcher,
+        clock,
+        Settings(max_jobs=3),
+        now,
+        gateway=gateway,
+        on_probe_failure=metrics.probe_failed,
+    )
     manager.recover()
-    api = SnaAPI(manager, now, clock.seconds)
-    yield Harness(clock, now, store, launcher, manager, api, StubTreq(api.resource()))
+    api = SnaAPI(manager, now, clock.seconds, metrics)
+    yield Harness(clock, now, store, launcher, gateway, manager, api, StubTreq(api.resource()))

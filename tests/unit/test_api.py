@@ -34,8 +34,18 @@ def test_start_answers_like_the_go_sna(harness: Harness) -> None:
         "started_at": "2026-11-26T12:00:00Z",
         "pid": 4000,
     }
+    # The client writes through the relays; the job remembers the hub's ports.
     request = harness.launcher.requests["backup-pgtest1-1760099954"]
-    assert [t.port for t in request.targets] == [10100, 10101]
+    relays = harness.gateway.open["backup-pgtest1-1760099954"]
+    assert [(t.host, t.port) for t in request.targets] == [
+        ("127.0.0.1", relays["2000"]),
+        ("127.0.0.1", relays["2001"]),
+    ]
+    status = harness.request("GET", "/api/v1/status/backup-pgtest1-1760099954")[1]
+    assert [(d["nbd_port"], d["relay_port"]) for d in status["disks"]] == [
+        (10100, relays["2000"]),
+        (10101, relays["2001"]),
+    ]
 
 
 @pytest.mark.parametrize("field", REQUIRED)
@@ -133,7 +143,7 @@ def test_export_names_are_quoted_for_the_client(harness: Harness) -> None:
     assert harness.request("POST", "/api/v1/backup/start", body)[0] == 200
     [target] = harness.launcher.requests["backup-pgtest1-1760099954"].targets
     assert target.export == "my,vm disk0"
-    assert target.spec == "2000:nbd://127.0.0.1:10100/my%2Cvm%20disk0"
+    assert target.spec == f"2000:nbd://127.0.0.1:{target.port}/my%2Cvm%20disk0"
 
 
 def test_ipv6_loopback_target(harness: Harness) -> None:
@@ -141,8 +151,8 @@ def test_ipv6_loopback_target(harness: Harness) -> None:
         "POST", "/api/v1/backup/start", backup_body(nbd_targets="2000:nbd://[::1]:10100/x")
     )
     assert code == 200
-    [target] = harness.launcher.requests["backup-pgtest1-1760099954"].targets
-    assert (target.host, target.port, target.export) == ("::1", 10100, "x")
+    status = harness.request("GET", "/api/v1/status/backup-pgtest1-1760099954")[1]
+    assert [(d["nbd_port"], d["export"]) for d in status["disks"]] == [(10100, "x")]
 
 
 @pytest.mark.parametrize(

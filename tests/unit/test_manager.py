@@ -16,7 +16,8 @@ from sna.config import Settings
 from sna.jobs import manager as manager_module
 from sna.jobs.manager import JobManager, PortInUse, ShuttingDown
 from sna.jobs.model import JobStatus
-from sna.testing import FakeLauncher, MemoryJobStore, SteppingClock
+from sna.testing import FakeGateway, FakeLauncher, MemoryJobStore, SteppingClock
+from tests.unit.conftest import started
 from tests.unit.test_model import T0, make_job
 from tests.unit.test_process import REQUEST
 
@@ -27,7 +28,9 @@ def make_manager(
     clock = Clock()
     store = store or MemoryJobStore()
     launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
-    manager = JobManager(store, launcher, clock, Settings(kill_grace=5), SteppingClock())
+    manager = JobManager(
+        store, launcher, clock, Settings(kill_grace=5), SteppingClock(), gateway=FakeGateway()
+    )
     return manager, launcher, store, clock
 
 
@@ -54,7 +57,7 @@ def test_shutdown_stops_clients_and_marks_jobs_interrupted(tmp_path: Path) -> No
     manager, launcher, store, clock = make_manager(tmp_path)
     launcher.dies_on = ("KILL",)
     manager.recover()
-    manager.start(REQUEST)
+    started(manager, REQUEST)
     stopped: list[object] = []
     manager.stop().addBoth(stopped.append)
     transport = launcher.transports[REQUEST.job_id]
@@ -66,13 +69,13 @@ def test_shutdown_stops_clients_and_marks_jobs_interrupted(tmp_path: Path) -> No
     assert job.status is JobStatus.INTERRUPTED
     assert job.exit_signal == 9
     with pytest.raises(ShuttingDown):
-        manager.start(REQUEST)
+        started(manager, REQUEST)
 
 
 def test_progress_is_written_at_most_once_a_second(tmp_path: Path) -> None:
     manager, launcher, store, clock = make_manager(tmp_path)
     manager.recover()
-    manager.start(REQUEST)
+    started(manager, REQUEST)
     saves = store.saves
     protocol = launcher.transports[REQUEST.job_id].protocol
     for done in range(0, 1000, 10):
@@ -90,10 +93,10 @@ def test_progress_is_written_at_most_once_a_second(tmp_path: Path) -> None:
 def test_a_finished_job_id_can_run_again(tmp_path: Path) -> None:
     manager, launcher, _, _ = make_manager(tmp_path)
     manager.recover()
-    manager.start(REQUEST)
+    started(manager, REQUEST)
     launcher.transports[REQUEST.job_id].exit(1)
     assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
-    again = manager.start(REQUEST)
+    again = started(manager, REQUEST)
     assert again.status is JobStatus.RUNNING
     assert again.error is None
 
@@ -101,11 +104,11 @@ def test_a_finished_job_id_can_run_again(tmp_path: Path) -> None:
 def test_a_failed_launch_restores_the_previous_record(tmp_path: Path) -> None:
     manager, launcher, _, _ = make_manager(tmp_path)
     manager.recover()
-    manager.start(REQUEST)
+    started(manager, REQUEST)
     launcher.transports[REQUEST.job_id].exit(1)
     launcher.unavailable = "gone"
     with pytest.raises(Exception, match="gone"):
-        manager.start(REQUEST)
+        started(manager, REQUEST)
     assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
 
 
@@ -141,6 +144,6 @@ def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(
     manager, _, _, _ = make_manager(tmp_path, store)
     manager.recover()
     with pytest.raises(PortInUse, match="interrupted job"):
-        manager.start(REQUEST)
+        started(manager, REQUEST)
     gone.callback(True)
-    assert manager.start(REQUEST).status is JobStatus.RUNNING
+    assert started(manager, REQUEST).status is JobStatus.RUNNING

@@ -1,0 +1,84 @@
+"""Prometheus metrics, collected on each scrape from the live objects.
+
+Counters that must survive a job's end (relayed bytes per port, probe
+failures) live in the relay registry and here; gauges (jobs by status,
+active relays) are read from the job manager when scraped.  The registry is
+our own, never the global one, so tests and several daemons in one process
+do not share figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sna import __version__
+from sna.nbd.relay import RelayRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveCollector(Collector):
+    def __init__(self, job_counts: Callable[[], dict[str, int]], relays: RelayRegistry) -> None:
+        self._job_counts = job_counts
+        self._relays = relays
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("sna_jobs", "Jobs the daemon knows, by status.", labels=["status"])
+        for status, count in self._job_counts().items():
+            jobs.add_metric([status], count)
+        yield jobs
+
+        relayed = CounterMetricFamily(
+            "sna_relay_bytes",
+            "Bytes relayed through the NBD relays, by target port and direction.",
+            labels=["port", "direction"],
+        )
+        for (port, direction), count in sorted(self._relays.totals().items()):
+            relayed.add_metric([str(port), direction], count)
+        yield relayed
+
+        active = GaugeMetricFamily(
+            "sna_relay_connections",
+            "Client connections open through each relay.",
+            labels=["port", "job_id"],
+        )
+        throughput = GaugeMetricFamily(
+            "sna_relay_throughput_bytes_per_second",
+            "Bytes per second through each relay over the last seconds.",
+            labels=["port", "job_id"],
+        )
+        for relay in self._relays.relays():
+            stats = relay.stats()
+            labels = [str(stats.port), stats.job_id]
+            active.add_metric(labels, stats.active_connections)
+            throughput.add_metric(labels, stats.bytes_per_second_current)
+        yield active
+        yield throughput
+
+        info = GaugeMetricFamily("sna_info", "The running sna.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+class Metrics:
+    """The daemon's registry, and the counters other parts increment."""
+
+    def __init__(self, job_counts: Callable[[], dict[str, int]], relays: RelayRegistry) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_LiveCollector(job_counts, relays))
+        self.probe_failures = Counter(
+            "sna_nbd_probe_failures",
+            "NBD targets that failed the pre-job handshake probe, by reason.",
+            labelnames=["reason"],
+            registry=self.registry,
+        )
+
+    def probe_failed(self, reason: str) -> None:
+        self.probe_failures.labels(reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
