@@ -12,6 +12,8 @@ APT_PACKAGES := sqlite3 qemu-utils libnbd-bin nbdkit socat golang-go golang-gith
 VENV_APT_PACKAGES := python3-venv
 
 LISTEN ?= tcp:8081:interface=127.0.0.1
+VCSIM := build/vcsim-cbt
+TESTBED_SPEC ?= tests/testbed/example-spec.json
 BENCH_ARGS ?=
 
 export PIP_NO_INPUT := 1
@@ -34,7 +36,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: all venv deps run check test bench clean distclean
+.PHONY: all venv deps run check test bench clean distclean vcsim testbed
 
 all: test
 
@@ -67,7 +69,16 @@ check: venv
 # The first step proves twistd finds the plugin through the install, not
 # through the current directory.  (grep reads all the help: with -q it would
 # exit early and twistd would die of a broken pipe.)
-test: deps venv check
+# The vCenter simulator with CBT that the VMware tests run against (tests/vcsim),
+# built offline from Debian's golang-go and govmomi sources; a no-op when current.
+vcsim: deps
+	tests/vcsim/build.sh $(VCSIM)
+
+# A testbed for a person at a terminal; Ctrl-C stops it.
+testbed: venv vcsim
+	$(BIN)/python -m tests.testbed up --spec $(TESTBED_SPEC)
+
+test: deps venv check vcsim
 	@dir="$$(mktemp -d)"; \
 	if (cd "$$dir" && $(CURDIR)/$(BIN)/twistd --help | grep -w sna >/dev/null); then \
 		rm -rf "$$dir"; echo "twistd finds the sna plugin from $$dir"; \
