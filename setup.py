@@ -19,6 +19,9 @@ setup(
         "prometheus-client>=0.20",
         "pyvmomi>=8.0",
     ],
+    entry_points={
+        "console_scripts": ["sendense-backup-client = sna.backup.cli:main"],
+    },
     extras_require={
         "dev": [
             "pytest>=8",

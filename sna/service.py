@@ -14,12 +14,19 @@ from typing import Any, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 
 from sna.jobs.manager import JobManager
 from sna.jobs.store import IJobStore
 from sna.sbc.process import LogDirectory
+from sna.telemetry.sha import ShaNotifier
+from sna.vmware.interface import IVSphere
+
+#: Seconds shutdown waits for final states to reach the SHA.
+SHA_PUSH_GRACE = 5.0
 
 #: How often finished jobs past the retention period are forgotten.
 PRUNE_INTERVAL = 3600.0
@@ -34,18 +41,29 @@ class SnaService(MultiService):
         store: IJobStore,
         state_dir: FilePath[str],
         log_dir: LogDirectory,
+        pool: ThreadPool,
+        vsphere: IVSphere,
+        clock: IReactorTime,
+        notifier: Optional[ShaNotifier] = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.manager = manager
+        self._pool = pool
+        self._vsphere = vsphere
+        self._clock = clock
+        self._notifier = notifier
         self._store = store
         self._state_dir = state_dir
         self._log_dir = log_dir
         self.recovered: Optional[Deferred[Any]] = None
-        TimerService(PRUNE_INTERVAL, manager.prune).setServiceParent(self)
+        pruning = TimerService(PRUNE_INTERVAL, manager.prune)
+        pruning.clock = clock
+        pruning.setServiceParent(self)
 
     def startService(self) -> None:
         self._state_dir.makedirs(ignoreExistingDirectory=True)
         self._log_dir.resolve()
+        self._pool.start()
         self.recovered = self.manager.recover()
         self.log.info(
             "sna started: state in {state}, job logs in {logs}",
@@ -57,8 +75,15 @@ class SnaService(MultiService):
     def stopService(self) -> Deferred[None]:
         d = maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.manager.stop())
+        d.addBoth(lambda _: self._vsphere.close())
+        if self._notifier is not None:
+            notifier = self._notifier
+            # Final states of the jobs just stopped; a SHA that does not answer
+            # soon must not hold the shutdown.
+            d.addBoth(lambda _: notifier.wait().addTimeout(SHA_PUSH_GRACE, self._clock))
 
         def closed(result: object) -> None:
+            self._pool.stop()
             self._store.close()
             self.log.info("sna stopped")
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
+from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent
 
 from sna import __version__
 from sna.api.app import SnaAPI
@@ -30,6 +34,12 @@ from sna.nbd.relay import RelayRegistry
 from sna.sbc.process import ClientCommand, LogDirectory, ProcessLauncher
 from sna.service import SnaService
 from sna.telemetry.metrics import Metrics
+from sna.telemetry.sha import ShaNotifier
+from sna.vmware.sessions import SessionPool
+from sna.vmware.vsphere import VSphere
+
+#: Threads for blocking vCenter calls: each request holds one while it runs.
+VSPHERE_THREADS = 10
 
 log = Logger()
 
@@ -50,6 +60,11 @@ class Options(usage.Options):
     )
     optFlags = [
         ["sbc-legacy", None, "The backup client is the legacy Go binary (password on argv)."],
+        [
+            "vcenter-insecure",
+            None,
+            "Do not verify vCenter TLS certificates (labs only; a pinned thumbprint still is).",
+        ],
     ]
     optParameters = [
         [
@@ -72,6 +87,18 @@ class Options(usage.Options):
             "File holding the API bearer token (required by every route but /health).",
         ],
         ["sbc", None, "sendense-backup-client", "Backup-client command (split like a shell)."],
+        [
+            "sha-url",
+            None,
+            None,
+            "Base URL of the SHA API; each job's final state is pushed to its telemetry.",
+        ],
+        [
+            "vcenter-ca-file",
+            None,
+            None,
+            "PEM file of CAs to trust for vCenter, besides the system's.",
+        ],
         ["nbd-ports", None, "10100-10200", "Allowed NBD target ports, LOW-HIGH."],
         [
             "nbd-hosts",
@@ -158,6 +185,9 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     launcher = ProcessLauncher(reactor, reactor, config["sbc"], log_dir, utcnow)
     relays = RelayRegistry()
     metrics = Metrics(lambda: manager.counts(), relays)
+    notifier = None
+    if config["sha-url"]:
+        notifier = ShaNotifier(HTTPClient(Agent(reactor)), config["sha-url"], reactor)
     manager = JobManager(
         store,
         launcher,
@@ -166,9 +196,18 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         utcnow,
         gateway=NbdGateway(reactor, relays),
         on_probe_failure=metrics.probe_failed,
+        on_job_ended=notifier.job_ended if notifier is not None else (lambda job: None),
     )
-    api = SnaAPI(manager, utcnow, time.monotonic, metrics)
-    service = SnaService(manager, store, state_dir, log_dir)
+    pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
+    sessions = SessionPool(
+        cast(IReactorFromThreads, reactor),
+        pool,
+        insecure=bool(config["vcenter-insecure"]),
+        ca_file=config["vcenter-ca-file"],
+    )
+    vsphere = VSphere(sessions)
+    api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
+    service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, notifier)
     resource = api.resource()
     if config["auth-token"] is not None:
         resource = BearerTokenAuthorization(resource, config["auth-token"])

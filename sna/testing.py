@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -37,6 +37,7 @@ from sna.sbc.process import (
     JobLog,
     LogDirectory,
 )
+from sna.vmware.interface import Credentials, IVSphere
 
 
 @implementer(IJobStore)
@@ -237,3 +238,58 @@ class SteppingClock:
 
 def fixed_now() -> datetime:
     return datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+@implementer(IVSphere)
+class FakeVSphere:
+    """Answers every call with ``answers[method]`` (or raises ``errors[method]``) and records it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, Exception] = {}
+        self.closed = False
+
+    def _answer(self, method: str, *args: Any) -> Deferred[dict[str, Any]]:
+        self.calls.append((method, args))
+        if method in self.errors:
+            return fail(self.errors[method])
+        return succeed(dict(self.answers.get(method, {"method": method})))
+
+    def discover(
+        self, credentials: Credentials, datacenter: Optional[str], name_filter: Optional[str]
+    ) -> Deferred[dict[str, Any]]:
+        return self._answer("discover", credentials, datacenter, name_filter)
+
+    def cbt_status(self, credentials: Credentials, vm_path: str) -> Deferred[dict[str, Any]]:
+        return self._answer("cbt_status", credentials, vm_path)
+
+    def enable_cbt(self, credentials: Credentials, vm_path: str) -> Deferred[dict[str, Any]]:
+        return self._answer("enable_cbt", credentials, vm_path)
+
+    def spec_changes(
+        self, credentials: Credentials, vm_path: str, stored: dict[str, Any]
+    ) -> Deferred[dict[str, Any]]:
+        return self._answer("spec_changes", credentials, vm_path, stored)
+
+    def power_off(
+        self, credentials: Credentials, vm_id: str, force: bool, timeout: float
+    ) -> Deferred[dict[str, Any]]:
+        return self._answer("power_off", credentials, vm_id, force, timeout)
+
+    def power_on(
+        self, credentials: Credentials, vm_id: str, wait_for_tools: bool, timeout: float
+    ) -> Deferred[dict[str, Any]]:
+        return self._answer("power_on", credentials, vm_id, wait_for_tools, timeout)
+
+    def power_state(self, credentials: Credentials, vm_id: str) -> Deferred[dict[str, Any]]:
+        return self._answer("power_state", credentials, vm_id)
+
+    def remove_job_snapshots(
+        self, credentials: Credentials, vm_path: str, job_id: Optional[str]
+    ) -> Deferred[dict[str, Any]]:
+        return self._answer("remove_job_snapshots", credentials, vm_path, job_id)
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)

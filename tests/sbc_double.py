@@ -8,8 +8,8 @@ instead of a real client.  It takes the real client's command line::
         --vmware-path P --nbd-targets T --job-id J [--vmware-password X]
 
 and keeps the real client's output contract: one JSON event per line on
-stdout, flushed per line, human log lines on stderr.  It reads no disk and
-writes no NBD target.
+stdout, flushed per line, human log lines on stderr.  It reads no disk, and
+only the ``write`` modes below write to the NBD targets (with ``nbdcopy``).
 
 Its first stderr line records what it was given, for tests to read back from
 the job's log file::
@@ -39,23 +39,41 @@ The last path component of ``--vmware-path`` (the VM name) picks the behaviour:
     the Go client's logrus and stdlib ``log`` lines on stderr, no JSON; exit 0.
 ``crash``
     half a JSON line without a newline, a Go panic on stderr; exit 2.
+``write``
+    per target, writes :func:`payload` of its disk key (``PAYLOAD_SIZE``
+    bytes, not a multiple of any block size) from offset 0 of the NBD URL it
+    was given: the payload goes to a temporary file first, then
+    ``nbdcopy --flush FILE URL`` copies it; ``disk_start``, ``disk_done``,
+    then ``done``; exit 0.  If ``nbdcopy`` fails: an ``error`` event naming
+    the disk and nbdcopy's last stderr line; exit 1.
+``slowwrite``
+    like ``write``, but ``nbdcopy --flush - URL`` is fed the payload through a
+    pipe in ``SLOW_PIECES`` pieces ``SLOW_PAUSE`` seconds apart, over one NBD
+    connection, with a ``progress`` event per piece.  If ``nbdcopy`` dies
+    (its server went away) it stops feeding it and fails as ``write`` does.
 
 In every mode but ``stubborn``, SIGTERM prints ``sbc-double: got SIGTERM``
-on stderr and exits 143.
+on stderr and exits 143, killing any ``nbdcopy`` it started first.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import os
+import random
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
+from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, Optional
+from typing import IO, Any, NoReturn, Optional
 
 PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
 JOB_ID_ENV = "MIGRATEKIT_JOB_ID"
@@ -70,6 +88,21 @@ ROCKET = "\N{ROCKET}"
 CHART = "\N{BAR CHART}"
 WRENCH = "\N{WRENCH}"
 ARROW = "\N{RIGHTWARDS ARROW}"
+#: Bytes the write modes put on each disk: whole MiB and an odd tail, so the
+#: last NBD write is not aligned to any block size.
+PAYLOAD_SIZE = 4 * MIB + 4321
+SLOW_PIECES = 16
+SLOW_PAUSE = 0.2
+#: linux/prctl.h: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+#: nbdcopy processes and scratch directories, for the SIGTERM handler to clean up.
+CHILDREN: list[subprocess.Popen[bytes]] = []
+SCRATCH: list[str] = []
+
+
+def payload(disk_key: str, size: int = PAYLOAD_SIZE) -> bytes:
+    """What the write modes write to disk ``disk_key``: pseudo-random, the same on every run."""
+    return random.Random(f"sbc-double:{disk_key}").randbytes(size)
 
 
 class Target:
@@ -142,6 +175,12 @@ def report_invocation(argv: list[str]) -> None:
 
 def on_sigterm(signum: int, frame: Optional[FrameType]) -> NoReturn:
     log("sbc-double: got SIGTERM")
+    for child in CHILDREN:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    for directory in SCRATCH:
+        shutil.rmtree(directory, ignore_errors=True)
     os._exit(143)
 
 
@@ -292,6 +331,112 @@ def run_legacy(job_id: str, targets: list[Target], vm: str) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """In the child: be killed when the double dies, even by SIGKILL (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the SIGTERM handler still stops the child
+
+
+def start_nbdcopy(source: str, url: str, stdin: Any, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["nbdcopy", "--flush", "--", source, url],
+        stdin=stdin,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        preexec_fn=die_with_parent,
+    )
+    CHILDREN.append(process)
+    return process
+
+
+def feed_slowly(process: subprocess.Popen[bytes], target: Target, data: bytes) -> None:
+    """Feed ``data`` to nbdcopy's stdin piece by piece; stop early if nbdcopy dies."""
+    assert process.stdin is not None
+    step = -(-len(data) // SLOW_PIECES)
+    done = 0
+    try:
+        while done < len(data):
+            process.stdin.write(data[done : done + step])
+            process.stdin.flush()
+            done = min(done + step, len(data))
+            emit(
+                "progress",
+                disk_key=target.disk_key,
+                bytes_done=done,
+                bytes_total=len(data),
+                throughput_bps=step / SLOW_PAUSE,
+            )
+            if done < len(data):
+                time.sleep(SLOW_PAUSE)
+            if process.poll() is not None:
+                break
+    except BrokenPipeError:
+        pass  # nbdcopy is gone; its exit status says why
+    finally:
+        try:
+            process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def write_target(target: Target, data: bytes, slowly: bool) -> Optional[str]:
+    """Write ``data`` at offset 0 of the target with nbdcopy; what went wrong, or None."""
+    with tempfile.TemporaryDirectory(prefix="sbc-double-") as scratch:
+        SCRATCH.append(scratch)
+        errors_path = Path(scratch) / "nbdcopy.err"
+        with open(errors_path, "w+b") as errors:
+            if slowly:
+                process = start_nbdcopy("-", target.url, subprocess.PIPE, errors)
+                feed_slowly(process, target, data)
+            else:
+                source = Path(scratch) / "payload.raw"
+                source.write_bytes(data)
+                process = start_nbdcopy(str(source), target.url, subprocess.DEVNULL, errors)
+            code = process.wait()
+            errors.seek(0)
+            text = errors.read().decode("utf-8", "replace").strip()
+    for line in text.splitlines():
+        log(line)
+    if code == 0:
+        return None
+    last = text.splitlines()[-1] if text else "no message"
+    return f"nbdcopy to {target.url} failed with exit code {code}: {last}"
+
+
+def run_write(job_id: str, targets: list[Target], slowly: bool) -> int:
+    if not targets:
+        emit("error", message="no NBD targets given")
+        return 1
+    emit("phase", phase="transfer", message=f"writing {len(targets)} disk(s)")
+    for target in targets:
+        data = payload(target.disk_key)
+        emit(
+            "disk_start",
+            disk_key=target.disk_key,
+            sync_type="full",
+            sync_reason="no previous change ID",
+            bytes_total=len(data),
+        )
+        log(f"sbc-double: writing {len(data)} bytes to {target.url}")
+        problem = write_target(target, data, slowly)
+        if problem is not None:
+            emit("error", message=f"disk {target.disk_key}: {problem}")
+            log(f"Error: {problem}")
+            return 1
+        emit(
+            "disk_done",
+            disk_key=target.disk_key,
+            change_id=target.change_id,
+            bytes_done=len(data),
+            bytes_total=len(data),
+        )
+    emit("done", message=f"backup {job_id} completed: {len(targets)} disk(s) written")
+    return 0
+
+
 def quote(value: object) -> str:
     """A logrus TextFormatter value: quoted when it holds spaces, quotes or non-ASCII."""
     text = str(value)
@@ -315,7 +460,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-MODES = ("ok", "fail", "slow", "hang", "stubborn", "legacy", "crash")
+MODES = ("ok", "fail", "slow", "hang", "stubborn", "legacy", "crash", "write", "slowwrite")
 
 
 def main(argv: list[str]) -> int:
@@ -344,6 +489,8 @@ def main(argv: list[str]) -> int:
         return run_legacy(job_id, targets, vm)
     if mode == "slow":
         return run_ok(job_id, targets, steps=10, pause=0.2)
+    if mode in ("write", "slowwrite"):
+        return run_write(job_id, targets, slowly=mode == "slowwrite")
     return run_ok(job_id, targets)
 
 

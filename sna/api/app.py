@@ -22,7 +22,18 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from sna import __version__
 from sna.api import render
 from sna.api.http import ApiError, json_response, read_json_object
-from sna.api.validation import check_job_id, parse_backup_request, parse_progress_update
+from sna.api.validation import (
+    check_job_id,
+    credentials,
+    credentials_from_request,
+    inventory_path,
+    parse_backup_request,
+    parse_cleanup_request,
+    parse_discover_request,
+    parse_power_request,
+    parse_progress_update,
+    parse_spec_request,
+)
 from sna.config import ConfigError
 from sna.jobs.manager import (
     AtCapacity,
@@ -36,6 +47,7 @@ from sna.jobs.manager import (
 from sna.jobs.model import JobStatus
 from sna.sbc.process import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
+from sna.vmware.interface import InvalidVSphereRequest, IVSphere, VSphereError
 
 _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (UnknownJob, 404),
@@ -64,8 +76,10 @@ class SnaAPI:
         now: Callable[[], datetime],
         monotonic: Callable[[], float],
         metrics: Metrics,
+        vsphere: IVSphere,
     ) -> None:
         self._manager = manager
+        self._vsphere = vsphere
         self._metrics = metrics
         self._now = now
         self._monotonic = monotonic
@@ -104,6 +118,15 @@ class SnaAPI:
         body = {"error": error.code, "message": error.message, "targets": targets}
         # A target that only timed out may come back (the tunnel): say "try later".
         return json_response(request, body, 503 if error.timed_out_only else 502)
+
+    @app.handle_errors(VSphereError)
+    def _vsphere_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, VSphereError)
+        body: dict[str, Any] = {"error": error.code, "message": error.message}
+        if isinstance(error, InvalidVSphereRequest):
+            body["field"] = error.field
+        return json_response(request, body, error.status)
 
     @app.handle_errors(JobError)
     def _job_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -231,6 +254,77 @@ class SnaAPI:
             "max_jobs": self._manager.settings.max_jobs,
         }
         return json_response(request, body)
+
+    # -- vSphere --------------------------------------------------------
+
+    @app.route("/api/v1/discover", methods=["POST"])
+    async def discover(self, request: IRequest) -> bytes:
+        creds, datacenter, name_filter = parse_discover_request(read_json_object(request))
+        return json_response(request, await self._vsphere.discover(creds, datacenter, name_filter))
+
+    @app.route("/api/v1/vms/<path:vm_path>/cbt-status", methods=["GET"])
+    async def cbt_status(self, request: IRequest, vm_path: str) -> bytes:
+        creds = credentials_from_request(request)
+        result = await self._vsphere.cbt_status(creds, inventory_path(vm_path))
+        return json_response(request, result)
+
+    @app.route("/api/v1/vms/<path:vm_path>/enable-cbt", methods=["POST"])
+    async def enable_cbt(self, request: IRequest, vm_path: str) -> bytes:
+        creds = credentials(read_json_object(request))
+        result = await self._vsphere.enable_cbt(creds, inventory_path(vm_path))
+        return json_response(request, result)
+
+    @app.route("/api/v1/vm-spec-changes", methods=["POST"])
+    async def vm_spec_changes(self, request: IRequest) -> bytes:
+        creds, vm_path, stored = parse_spec_request(read_json_object(request))
+        return json_response(request, await self._vsphere.spec_changes(creds, vm_path, stored))
+
+    @app.route("/api/v1/vm/<vm_id>/power-off", methods=["POST"])
+    async def power_off(self, request: IRequest, vm_id: str) -> bytes:
+        power = parse_power_request(read_json_object(request), default_timeout=300)
+        result = await self._vsphere.power_off(power.credentials, vm_id, power.force, power.timeout)
+        return json_response(request, result)
+
+    @app.route("/api/v1/vm/<vm_id>/power-on", methods=["POST"])
+    async def power_on(self, request: IRequest, vm_id: str) -> bytes:
+        power = parse_power_request(read_json_object(request), default_timeout=600)
+        result = await self._vsphere.power_on(
+            power.credentials, vm_id, power.wait_for_tools, power.timeout
+        )
+        return json_response(request, result)
+
+    @app.route("/api/v1/vm/<vm_id>/power-state", methods=["GET"])
+    async def power_state(self, request: IRequest, vm_id: str) -> bytes:
+        creds = credentials_from_request(request)
+        return json_response(request, await self._vsphere.power_state(creds, vm_id))
+
+    @app.route("/api/v1/cleanup", methods=["POST"])
+    async def cleanup(self, request: IRequest) -> bytes:
+        cleanup = parse_cleanup_request(read_json_object(request))
+        vm_path = cleanup.vm_path
+        if cleanup.job_id is not None:
+            try:
+                job = self._manager.get(cleanup.job_id)
+            except UnknownJob:
+                job = None
+            if job is not None:
+                if job.status.active:
+                    raise ApiError(
+                        409,
+                        "job_already_running",
+                        f"job {job.job_id} is running and uses its snapshot; cancel it first",
+                    )
+                vm_path = vm_path or job.vm_path
+        if vm_path is None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "vm_path is required (the job is not known here)",
+                field="vm_path",
+            )
+        job_id = cleanup.job_id if cleanup.action == "delete_snapshot" else None
+        result = await self._vsphere.remove_job_snapshots(cleanup.credentials, vm_path, job_id)
+        return json_response(request, {"action": cleanup.action, **result})
 
     @app.route("/api/v1/relays", methods=["GET"])
     def relays(self, request: IRequest) -> bytes:

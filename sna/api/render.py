@@ -59,6 +59,7 @@ def disk(d: DiskState) -> dict[str, Any]:
         "bytes_done": d.bytes_done,
         "bytes_total": d.bytes_total,
         "change_id": d.change_id,
+        "previous_change_id": d.previous_change_id,
         "relay_port": d.relay_port,
         "bytes_to_hub": d.bytes_to_hub,
         "bytes_from_hub": d.bytes_from_hub,

@@ -12,9 +12,18 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import attrs
+from twisted.web.iweb import IRequest
+
 from sna.api.http import ApiError
 from sna.config import Settings, normalise_host
 from sna.jobs.model import BackupRequest, NbdTarget, PushedProgress
+from sna.vmware.interface import (
+    Credentials,
+    InvalidVSphereRequest,
+    normalise_thumbprint,
+    parse_address,
+)
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 JOB_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
@@ -139,7 +148,8 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
     if backup_type not in ("full", "incremental"):
         raise invalid("backup_type", "backup_type must be 'full' or 'incremental'")
     previous = _string(body, "previous_change_id", False)
-    if backup_type == "incremental" and not (previous or "").strip():
+    per_disk_given = body.get("previous_change_ids") not in (None, {})
+    if backup_type == "incremental" and not (previous or "").strip() and not per_disk_given:
         raise invalid(
             "previous_change_id", "previous_change_id is required for incremental backups"
         )
@@ -147,7 +157,10 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
         # What the real SHA sends when it does not know: an incremental from an
         # unknown point, which the client turns into a full per disk (and says so).
         previous = None
+    if previous is not None and len(previous) > MAX_CHANGE_ID:
+        raise invalid("previous_change_id", f"previous_change_id is longer than {MAX_CHANGE_ID}")
     targets = parse_targets(values["nbd_targets"] or "", settings)
+    per_disk = _previous_change_ids(body.get("previous_change_ids"), targets)
     return BackupRequest(
         job_id=job_id,
         vm_name=values["vm_name"] or "",
@@ -158,7 +171,39 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
         targets=targets,
         backup_type=backup_type,
         previous_change_id=previous,
+        previous_change_ids=per_disk,
     )
+
+
+#: VMware change IDs are about 60 characters; this leaves room, not abuse.
+MAX_CHANGE_ID = 256
+
+
+def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tuple[str, str], ...]:
+    """``{"2000": "52 ../7", ...}`` as sorted pairs; PLACEHOLDER or empty means unknown."""
+    field = "previous_change_ids"
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid(field, f"{field} must be an object of change IDs by disk key")
+    keys = {t.disk_key for t in targets}
+    pairs = []
+    for raw_key, change_id in value.items():
+        key = raw_key.strip()
+        if key.isascii() and key.isdigit():
+            key = str(int(key))
+        if key not in keys:
+            raise invalid(field, f"{field} names disk {raw_key!r}, which is not in nbd_targets")
+        if change_id is None:
+            continue
+        if not isinstance(change_id, str) or "\0" in change_id:
+            raise invalid(field, f"{field}[{key}] must be a string")
+        if len(change_id) > MAX_CHANGE_ID:
+            raise invalid(field, f"{field}[{key}] is longer than {MAX_CHANGE_ID}")
+        if change_id.strip() in ("", PLACEHOLDER):
+            continue
+        pairs.append((key, change_id))
+    return tuple(sorted(pairs))
 
 
 def _number(body: Mapping[str, Any], field: str, integer: bool) -> float:
@@ -204,3 +249,136 @@ def parse_progress_update(
         throughput_bps=throughput,
         percent=min(percent, 100.0),
     )
+
+
+def _optional(body: Mapping[str, Any], field: str) -> Optional[str]:
+    value = _string(body, field, False)
+    return value.strip() or None if value is not None else None
+
+
+def credentials(
+    values: Mapping[str, Any],
+    host_field: str = "vcenter",
+    user_field: str = "username",
+    password_field: str = "password",
+) -> Credentials:
+    """vCenter credentials from request fields (the Go SNA's names by default)."""
+    host_text = _string(values, host_field, True) or ""
+    user = _string(values, user_field, True) or ""
+    password = _string(values, password_field, True) or ""
+    try:
+        host, port = parse_address(host_text, host_field)
+        thumbprint = _optional(values, "vcenter_thumbprint")
+        if thumbprint is not None:
+            thumbprint = normalise_thumbprint(thumbprint)
+    except InvalidVSphereRequest as e:
+        raise invalid(e.field, e.message) from None
+    return Credentials(host=host, port=port, user=user, password=password, thumbprint=thumbprint)
+
+
+#: Headers that carry credentials, so they stay out of URLs and access logs.
+CREDENTIAL_HEADERS = {
+    "vcenter": b"x-vcenter-host",
+    "username": b"x-vcenter-user",
+    "password": b"x-vcenter-password",
+    "vcenter_thumbprint": b"x-vcenter-thumbprint",
+}
+
+
+def credentials_from_request(request: IRequest) -> Credentials:
+    """Credentials of a GET: headers first, else the Go SNA's query parameters."""
+    values: dict[str, Any] = {}
+    for field, header in CREDENTIAL_HEADERS.items():
+        raw = request.getHeader(header)
+        if raw is None:
+            args = request.args.get(field.encode(), [])
+            raw = args[0] if args else None
+        if raw is not None:
+            values[field] = raw.decode("utf-8", "replace")
+    return credentials(values)
+
+
+def inventory_path(captured: str) -> str:
+    """A VM inventory path from a URL: ``DC/vm/x`` and ``/DC/vm/x`` are the same."""
+    path = "/" + captured.strip("/")
+    if path == "/" or "\0" in path or len(path) > MAX_FIELD:
+        raise invalid("vm_path", "vm_path must be an inventory path like /DC1/vm/name")
+    return path
+
+
+@attrs.frozen
+class PowerRequest:
+    credentials: Credentials
+    force: bool
+    timeout: float
+    wait_for_tools: bool
+
+
+def _flag(body: Mapping[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(field, f"{field} must be true or false")
+    return value
+
+
+def parse_power_request(body: Mapping[str, Any], default_timeout: float) -> PowerRequest:
+    timeout = body.get("timeout")
+    if timeout is None or timeout == 0:
+        timeout = default_timeout
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= 3600
+    ):
+        raise invalid("timeout", "timeout must be a number of seconds from 1 to 3600")
+    return PowerRequest(
+        credentials=credentials(body),
+        force=_flag(body, "force"),
+        timeout=float(timeout),
+        wait_for_tools=_flag(body, "wait_for_tools"),
+    )
+
+
+@attrs.frozen
+class CleanupRequest:
+    action: str
+    job_id: Optional[str]
+    vm_path: Optional[str]
+    credentials: Credentials
+
+
+CLEANUP_ACTIONS = ("delete_snapshot", "cleanup_all")
+
+
+def parse_cleanup_request(body: Mapping[str, Any]) -> CleanupRequest:
+    action = _string(body, "action", True)
+    if action not in CLEANUP_ACTIONS:
+        raise invalid("action", f"action must be one of: {', '.join(CLEANUP_ACTIONS)}")
+    job_id = _optional(body, "job_id")
+    if job_id is not None:
+        check_job_id(job_id)
+    elif action == "delete_snapshot":
+        raise invalid("job_id", "job_id is required")
+    vm_path = _optional(body, "vm_path")
+    return CleanupRequest(
+        action=action,
+        job_id=job_id,
+        vm_path=inventory_path(vm_path) if vm_path is not None else None,
+        credentials=credentials(body),
+    )
+
+
+def parse_discover_request(
+    body: Mapping[str, Any],
+) -> tuple[Credentials, Optional[str], Optional[str]]:
+    return credentials(body), _optional(body, "datacenter"), _optional(body, "filter")
+
+
+def parse_spec_request(body: Mapping[str, Any]) -> tuple[Credentials, str, dict[str, Any]]:
+    path = _string(body, "vm_path", True) or ""
+    stored = body.get("stored_vm_info")
+    if not isinstance(stored, dict):
+        raise invalid("stored_vm_info", "stored_vm_info is required (a VM as /discover returns it)")
+    return credentials(body), inventory_path(path), stored

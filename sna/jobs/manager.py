@@ -118,7 +118,9 @@ class JobManager:
         now: Callable[[], datetime],
         gateway: ITargetGateway,
         on_probe_failure: Callable[[str], None] = lambda reason: None,
+        on_job_ended: Callable[[Job], None] = lambda job: None,
     ) -> None:
+        self._on_job_ended = on_job_ended
         self._store = store
         self._launcher = launcher
         self._gateway = gateway
@@ -152,6 +154,7 @@ class JobManager:
                 job = job.interrupted(self._now(), "sna stopped while the job was running")
                 self._store.save(job)
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
+                self._on_job_ended(job)
                 if job.pid:
                     leftovers.append(self._stop_leftover(job))
             self._jobs[job.job_id] = job
@@ -425,6 +428,7 @@ class JobManager:
         )
         self._update(job)
         self._save_now(job_id)
+        self._on_job_ended(job)
         closing = self._gateway.close_relays(job_id)
         self._closing[job_id] = closing
 

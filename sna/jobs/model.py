@@ -68,6 +68,11 @@ class BackupRequest:
     targets: tuple[NbdTarget, ...]
     backup_type: str
     previous_change_id: Optional[str] = None
+    #: Per disk key; wins over ``previous_change_id`` for that disk.
+    previous_change_ids: tuple[tuple[str, str], ...] = ()
+
+    def previous_change_id_of(self, disk_key: str) -> Optional[str]:
+        return dict(self.previous_change_ids).get(disk_key, self.previous_change_id)
 
     @property
     def nbd_targets(self) -> str:
@@ -94,6 +99,8 @@ class DiskState:
     bytes_from_hub: int = 0
     #: Why the hub side of this disk's target dropped, if it did.
     target_error: Optional[str] = None
+    #: The change ID an incremental of this disk starts from, if one was given.
+    previous_change_id: Optional[str] = None
 
 
 @attrs.frozen
@@ -180,7 +187,13 @@ class Job:
             backup_type=request.backup_type,
             previous_change_id=request.previous_change_id,
             disks=tuple(
-                DiskState(t.disk_key, t.export, t.port, relay_port=relay)
+                DiskState(
+                    t.disk_key,
+                    t.export,
+                    t.port,
+                    relay_port=relay,
+                    previous_change_id=request.previous_change_id_of(t.disk_key),
+                )
                 for t, relay in zip(request.targets, ports, strict=True)
             ),
             started_at=now,

@@ -11,11 +11,13 @@ stops a child procmon-style: TERM, then KILL after a grace period.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, Optional
@@ -112,6 +114,11 @@ class ClientCommand:
             return path
         found = shutil.which(program)
         if found is None:
+            # Installed beside the daemon (the same venv's bin/), even when that
+            # directory is not on PATH, as under `make run`.
+            beside = os.path.join(os.path.dirname(sys.executable), program)
+            if os.access(beside, os.X_OK) and not os.path.isdir(beside):
+                return beside
             raise ClientUnavailable(f"backup client {program!r} was not found on PATH")
         return os.path.abspath(found)
 
@@ -140,6 +147,9 @@ class ClientCommand:
             args += ["--backup-type", request.backup_type]
             if request.previous_change_id:
                 args += ["--previous-change-id", request.previous_change_id]
+            if request.previous_change_ids:
+                by_disk = json.dumps(dict(request.previous_change_ids), separators=(",", ":"))
+                args += ["--previous-change-ids", by_disk]
         return args
 
     def environment(self, request: BackupRequest, base: Mapping[str, str]) -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""Fixtures of the integration tests: daemons and job ids, cleaned up by pid.
+"""Fixtures of the integration tests: daemons, job ids and NBD servers, cleaned up by pid.
 
 Each daemon is stopped (TERM, then KILL) in a finalizer and its log checked
 for unhandled errors; any double still alive whose ``--job-id`` is one the
-test made is killed.
+test made is killed.  The nbdkit servers behind the ports ``nbd_ports()``
+hands out live for the session and are stopped at its end.
 """
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ from typing import Optional
 import pytest
 
 from tests.integration.harness import (
+    NBD_SERVERS,
     SBC_COMMAND,
     Daemon,
     JobIds,
+    NbdPortServers,
     doubles_of,
     kill_doubles,
     wait_for,
 )
 
 # -- fixtures ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nbd_port_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NbdPortServers]:
+    """The servers behind ``nbd_ports()``: logs under the session's tmp, stopped at its end."""
+    NBD_SERVERS.directory = tmp_path_factory.mktemp("nbd-ports")
+    yield NBD_SERVERS
+    NBD_SERVERS.stop_all()
 
 
 @pytest.fixture
@@ -57,7 +68,9 @@ def daemon_factory(tmp_path: Path, job_ids: JobIds) -> Iterator[Callable[..., Da
 
 
 @pytest.fixture(scope="session")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def shared_daemon(
+    tmp_path_factory: pytest.TempPathFactory, nbd_port_servers: NbdPortServers
+) -> Iterator[Daemon]:
     """One daemon for the tests that need nothing special of it."""
     daemon = Daemon(tmp_path_factory.mktemp("shared"))
     daemon.start()

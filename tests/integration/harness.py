@@ -5,6 +5,11 @@ directories, and with ``tests/sbc_double.py`` as its backup client.  Tests
 talk to it with plain synchronous ``http.client`` calls and poll with short
 sleeps against a deadline; nothing asserts on how long anything took.
 
+The daemon probes every NBD target before it starts a job, so the ports
+``nbd_ports()`` hands out (and ``backup_body`` uses) are served by real
+``nbdkit memory`` processes, one per port, started on first use and shared
+for the session (:class:`NbdPortServers`).
+
 The fixtures that start and clean up daemons are in ``conftest.py``.
 """
 
@@ -20,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +33,8 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import pytest
+
+from tests.integration.nbd_fixtures import NbdServerProcess, nbdkit_on_ports
 
 REPO = Path(__file__).resolve().parents[2]
 DOUBLE = REPO / "tests" / "sbc_double.py"
@@ -391,12 +399,80 @@ class JobIds:
         return job_id
 
 
-_PORTS = itertools.cycle(range(10100, 10201))
+#: The daemon's default allowed NBD ports (``--nbd-ports``).
+NBD_PORT_RANGE = range(10100, 10201)
+#: What each port of that range serves: nbdkit's RAM disk answers any export
+#: name, so every test's per-VM exports pass the daemon's probe as they are.
+NBDKIT_PLUGIN = ("memory", "64M")
+
+
+class NbdPortServers:
+    """Real NBD servers on the allowed port range, started as ports are handed out.
+
+    The daemon probes every target before it starts a job, so a port handed
+    to a test must answer NBD.  Each port gets one ``nbdkit memory`` the
+    first time it is handed out, shared by every later test for the rest of
+    the session; :meth:`stop_all` (the session finalizer) stops them by pid.
+    Servers start ``batch`` ports at a time, in parallel, because starting
+    them one by one would add up.  Ports some other process holds are skipped.
+    """
+
+    def __init__(self, ports: range = NBD_PORT_RANGE, batch: int = 8) -> None:
+        self._ports = ports
+        self._batch = batch
+        self._next = 0
+        self.directory: Optional[Path] = None
+        self.servers: dict[int, NbdServerProcess] = {}
+        self.taken_elsewhere: set[int] = set()
+
+    def take(self) -> int:
+        """The next port of the range, served by a live nbdkit."""
+        for _ in range(len(self._ports)):
+            port = self._ports[self._next]
+            self._next = (self._next + 1) % len(self._ports)
+            if port in self.taken_elsewhere:
+                continue
+            server = self.servers.get(port)
+            if server is None or not server.alive():
+                self._start_from(self._next - 1)
+            if port in self.servers:
+                return port
+            self.taken_elsewhere.add(port)
+        pytest.fail(f"no port of {self._ports} is free for an NBD server")
+
+    def _start_from(self, index: int) -> None:
+        """Start servers on the next ``batch`` ports from ``index`` that need one."""
+        wanted = []
+        for offset in range(len(self._ports)):
+            port = self._ports[(index + offset) % len(self._ports)]
+            server = self.servers.get(port)
+            if port not in self.taken_elsewhere and (server is None or not server.alive()):
+                wanted.append(port)
+            if len(wanted) == self._batch:
+                break
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="sna-it-nbd-"))
+        started = nbdkit_on_ports(self.directory, wanted, NBDKIT_PLUGIN)
+        self.servers.update(started)
+        self.taken_elsewhere.update(set(wanted) - set(started))
+
+    def stop_all(self) -> None:
+        """TERM (then KILL) every server started; never fails."""
+        servers, self.servers = list(self.servers.values()), {}
+        for server in servers:
+            if server.alive():
+                server.process.terminate()
+        for server in servers:
+            server.stop()
+
+
+#: The session's servers; ``conftest.py`` gives them a directory and stops them.
+NBD_SERVERS = NbdPortServers()
 
 
 def nbd_ports(count: int) -> list[int]:
-    """Ports of the allowed NBD range, different from recent tests' so jobs never collide."""
-    return [next(_PORTS) for _ in range(count)]
+    """Served ports of the allowed NBD range, different from recent tests' so jobs never collide."""
+    return [NBD_SERVERS.take() for _ in range(count)]
 
 
 def targets(ports: list[int], export: str = "pgtest1", first_key: int = 2000) -> str:
@@ -420,10 +496,11 @@ def backup_body(
         "vcenter_user": "administrator@vsphere.local",
         "vcenter_password": password,
         "vm_path": f"/DC1/vm/{vm}",
-        "nbd_targets": targets(nbd_ports(disks), export=vm),
         "backup_type": "full",
         "nbd_host": "127.0.0.1",
     }
+    if "nbd_targets" not in overrides:
+        body["nbd_targets"] = targets(nbd_ports(disks), export=vm)
     body.update(overrides)
     return body
 

@@ -24,6 +24,7 @@ they can read an image the server still has open.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -299,3 +300,85 @@ def image_compare(raw: Path, qcow2: Path) -> subprocess.CompletedProcess[bytes]:
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def listens_on(pid: int, port: int, host: str = HOST) -> bool:
+    """Whether process ``pid`` itself holds the socket listening on ``host:port``.
+
+    On a shared machine another test run may bind the same port first; its
+    listener must not be mistaken for ours.
+    """
+    local = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    # Columns: sl, local_address, rem_address, st (0A = LISTEN), ..., inode (9th).
+    inodes = {
+        f"socket:[{fields[9]}]"
+        for fields in (line.split() for line in lines)
+        if fields[1] == local and fields[3] == "0A"
+    }
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def nbdkit_on_ports(
+    directory: Path,
+    ports: Sequence[int],
+    plugin: Sequence[str],
+    *,
+    exit_with_parent: bool = True,
+) -> dict[int, NbdServerProcess]:
+    """Start one ``nbdkit -f`` with ``plugin`` on each of ``ports``, all at once.
+
+    For ports a test cannot choose freely (the daemon's allowed NBD range).
+    Returns the servers by port once they listen; a port some other process
+    holds is left out.  ``exit_with_parent`` makes nbdkit die with the test
+    process should it never reach its finalizer.  The caller stops them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    starting: dict[int, NbdServerProcess] = {}
+    for port in ports:
+        if listening(port):
+            continue
+        log_path = directory / f"nbdkit-{port}.log"
+        argv = [
+            "nbdkit",
+            "-f",
+            *(["--exit-with-parent"] if exit_with_parent else []),
+            "-i",
+            HOST,
+            "-p",
+            str(port),
+            *plugin,
+        ]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        starting[port] = NbdServerProcess(process, HOST, port, "", log_path)
+    started: dict[int, NbdServerProcess] = {}
+    end = time.monotonic() + START_DEADLINE
+    while starting and time.monotonic() < end:
+        for port, server in list(starting.items()):
+            if not server.alive():
+                del starting[port]
+                text = server.log()
+                if "in use" not in text:
+                    # Not someone else's port: nbdkit itself is broken.
+                    for other in [*starting.values(), *started.values()]:
+                        other.stop()
+                    pytest.fail(f"nbdkit exited instead of listening on {HOST}:{port}:\n{text}")
+            elif listens_on(server.pid, port):
+                started[port] = starting.pop(port)
+        time.sleep(0.005)
+    if starting:
+        for server in [*starting.values(), *started.values()]:
+            server.stop()
+        pytest.fail(f"nbdkit did not start listening on {HOST}:{sorted(starting)}")
+    return started

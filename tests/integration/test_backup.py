@@ -198,7 +198,14 @@ def test_incremental_two_disks(sna: Daemon, job_ids: JobIds) -> None:
     argv = double_invocation(sna.job_log(job_id).read_text())["argv"]
     assert argv[argv.index("--backup-type") + 1] == "incremental"
     assert argv[argv.index("--previous-change-id") + 1] == previous
-    assert argv[argv.index("--nbd-targets") + 1] == targets(ports)
+    # The client is given the daemon's relays in front of the targets, not the targets.
+    relay_ports = [d["relay_port"] for d in status["disks"]]
+    assert all(isinstance(p, int) for p in relay_ports) and not set(relay_ports) & set(ports)
+    relayed = ",".join(
+        f"{key}:nbd://127.0.0.1:{port}/pgtest1-disk{i}"
+        for i, (key, port) in enumerate(zip(["2000", "2001"], relay_ports, strict=True))
+    )
+    assert argv[argv.index("--nbd-targets") + 1] == relayed
 
     sha = sna.api.get(f"/api/v1/jobs/{job_id}/status").json()
     assert sha["status"] == "completed"

@@ -19,7 +19,7 @@ from sna.jobs.manager import JobManager
 from sna.jobs.model import BackupRequest, Job
 from sna.nbd.relay import RelayRegistry
 from sna.telemetry.metrics import Metrics
-from sna.testing import FakeGateway, FakeLauncher, MemoryJobStore, SteppingClock
+from sna.testing import FakeGateway, FakeLauncher, FakeVSphere, MemoryJobStore, SteppingClock
 
 
 @attrs.define
@@ -29,6 +29,7 @@ class Harness:
     store: MemoryJobStore
     launcher: FakeLauncher
     gateway: FakeGateway
+    vsphere: FakeVSphere
     manager: JobManager
     api: SnaAPI
     treq: StubTreq
@@ -100,5 +101,8 @@ def harness(tmp_path: Any) -> Iterator[Harness]:
         on_probe_failure=metrics.probe_failed,
     )
     manager.recover()
-    api = SnaAPI(manager, now, clock.seconds, metrics)
-    yield Harness(clock, now, store, launcher, gateway, manager, api, StubTreq(api.resource()))
+    vsphere = FakeVSphere()
+    api = SnaAPI(manager, now, clock.seconds, metrics, vsphere)
+    yield Harness(
+        clock, now, store, launcher, gateway, vsphere, manager, api, StubTreq(api.resource())
+    )
