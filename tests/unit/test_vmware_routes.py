@@ -18,6 +18,7 @@ def test_discover_passes_credentials_datacenter_and_filter(harness: Harness) -> 
     code, answer = harness.request("POST", "/api/v1/discover", body)
     assert (code, answer) == (200, {"vcenter": {"host": "x"}, "vms": []})
     [(method, (creds, datacenter, name_filter))] = harness.vsphere.calls
+    assert method == "discover"
     assert (creds.host, creds.port, creds.user, creds.password) == (
         "vcenter.example.local",
         443,

@@ -176,7 +176,10 @@ func (t *tracker) ensureProxy(vmValue string) {
 	if t.proxies[vmValue] {
 		return
 	}
-	simulator.Map.Put(&cbtProxy{Self: types.ManagedObjectReference{Type: proxyType, Value: vmValue}, t: t})
+	simulator.Map.Put(&cbtProxy{
+		ExtensibleManagedObject: mo.ExtensibleManagedObject{Self: types.ManagedObjectReference{Type: proxyType, Value: vmValue}},
+		t:                       t,
+	})
 	t.proxies[vmValue] = true
 }
 
@@ -591,8 +594,10 @@ func protectCloneSource(vmValue string) func() {
 // simulator under {VirtualMachineCBT, <vm moref>}; the front handler points
 // the VM's QueryChangedDiskAreas calls at it.
 type cbtProxy struct {
-	Self types.ManagedObjectReference
-	t    *tracker
+	// First, and an mo type: the simulator's reflection (getManagedObject,
+	// behind FindByUuid and others) walks every registered object's first field.
+	mo.ExtensibleManagedObject
+	t *tracker
 }
 
 func (p *cbtProxy) Reference() types.ManagedObjectReference { return p.Self }

@@ -1,0 +1,371 @@
+"""The session pool's own logic, without a vCenter: reuse, idle logout, re-login, deadlines.
+
+The blocking steps (login, logout, dropping a session) are replaced by a
+fake vCenter, and the thread pool by one that runs each call only when the
+test says so, so the tests can hold a login or a call "in its thread" while
+time (a ``Clock``) passes.  Against the real simulator, see
+``tests/integration/test_vmware.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Callable
+from typing import Any, Optional
+
+import attrs
+import pytest
+from pyVmomi import vim
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sna.vmware.faults import ThumbprintMismatch
+from sna.vmware.interface import (
+    AuthenticationFailed,
+    CertificateMismatch,
+    Credentials,
+    TimedOut,
+    Unreachable,
+    VSphereError,
+    normalise_thumbprint,
+)
+from sna.vmware.sessions import Connection, SessionPool, _PinnedContext, tls_context
+
+PASSWORD = "Very-Secret-9"
+CREDS = Credentials(host="vc.example.com", port=443, user="admin", password=PASSWORD)
+
+
+@implementer(IReactorFromThreads)
+class Immediate:
+    def callFromThread(self, f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class HeldPool:
+    """A thread pool whose calls run when the test calls :meth:`run`."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def callInThreadWithCallback(
+        self, on_result: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        self.pending.append((on_result, f, args))
+
+    def run(self, count: Optional[int] = None) -> int:
+        """Run queued calls (and calls they queue), ``count`` of them or all; how many ran."""
+        done = 0
+        while self.pending and (count is None or done < count):
+            on_result, f, args = self.pending.pop(0)
+            try:
+                result = f(*args)
+            except BaseException:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+            done += 1
+        return done
+
+
+@attrs.define
+class FakeVCenter:
+    logins: list[Credentials] = attrs.Factory(list)
+    logged_out: list[Connection] = attrs.Factory(list)
+    dropped: list[Connection] = attrs.Factory(list)
+    refuse: Optional[BaseException] = None
+
+    def connect(
+        self, credentials: Credentials, context: ssl.SSLContext, timeout: float
+    ) -> Connection:
+        if self.refuse is not None:
+            raise self.refuse
+        self.logins.append(credentials)
+        return Connection(
+            si=object(), content=len(self.logins), where=credentials.where, user=credentials.user
+        )
+
+    def logout(self, connection: Connection) -> None:
+        self.logged_out.append(connection)
+
+    def drop(self, connection: Connection) -> None:
+        self.dropped.append(connection)
+
+
+@attrs.define
+class Rig:
+    pool: SessionPool
+    threads: HeldPool
+    clock: Clock
+    vcenter: FakeVCenter
+
+    def run(
+        self,
+        work: Callable[[Connection], Any] = lambda c: c.content,
+        creds: Credentials = CREDS,
+    ) -> Deferred[Any]:
+        return self.pool.run(creds, work, "testing")
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (its failure raised)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+@pytest.fixture
+def rig() -> Rig:
+    threads, clock, vcenter = HeldPool(), Clock(), FakeVCenter()
+    pool = SessionPool(
+        Immediate(),
+        threads,  # type: ignore[arg-type]
+        clock=clock,
+        idle_timeout=30,
+        check_interval=5,
+        call_timeout=10,
+    )
+    pool.connect_session = vcenter.connect  # type: ignore[method-assign]
+    pool.logout_session = vcenter.logout  # type: ignore[method-assign]
+    pool.drop_session = vcenter.drop  # type: ignore[method-assign]
+    return Rig(pool, threads, clock, vcenter)
+
+
+def test_a_session_is_reused(rig: Rig) -> None:
+    first = rig.run()
+    rig.threads.run()
+    second = rig.run()
+    rig.threads.run()
+    assert (result_of(first), result_of(second)) == (1, 1)
+    assert len(rig.vcenter.logins) == 1
+    assert rig.pool.session_count == 1
+
+
+def test_requests_arriving_together_share_one_login(rig: Rig) -> None:
+    calls = [rig.run() for _ in range(3)]
+    assert len(rig.threads.pending) == 1  # one login; the others wait for it
+    rig.threads.run()
+    assert [result_of(d) for d in calls] == [1, 1, 1]
+    assert len(rig.vcenter.logins) == 1
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        attrs.evolve(CREDS, password="another"),
+        attrs.evolve(CREDS, user="someone"),
+        attrs.evolve(CREDS, port=8443),
+        attrs.evolve(CREDS, thumbprint="AA" * 20),
+    ],
+)
+def test_other_credentials_or_pins_get_their_own_session(rig: Rig, other: Credentials) -> None:
+    rig.run()
+    rig.run(creds=other)
+    rig.threads.run()
+    assert len(rig.vcenter.logins) == 2
+    assert rig.pool.session_count == 2
+
+
+def test_the_same_pin_spelt_differently_shares_a_session(rig: Rig) -> None:
+    rig.run(creds=attrs.evolve(CREDS, thumbprint="aa" * 20))
+    rig.run(creds=attrs.evolve(CREDS, thumbprint=":".join(["AA"] * 20)))
+    rig.threads.run()
+    assert len(rig.vcenter.logins) == 1
+
+
+def test_an_idle_session_is_logged_out(rig: Rig) -> None:
+    rig.run()
+    rig.threads.run()
+    rig.clock.advance(25)
+    rig.run()  # used again: idle time starts over
+    rig.threads.run()
+    rig.clock.advance(25)
+    rig.threads.run()
+    assert rig.vcenter.logged_out == []
+    rig.clock.advance(10)
+    rig.threads.run()
+    assert len(rig.vcenter.logged_out) == 1
+    assert rig.pool.session_count == 0
+    assert rig.clock.getDelayedCalls() == []  # no check runs without sessions
+    rig.run()
+    rig.threads.run()
+    assert len(rig.vcenter.logins) == 2
+
+
+def test_a_busy_session_is_not_logged_out_under_its_call(rig: Rig) -> None:
+    rig.run()
+    rig.threads.run()
+    slow = rig.run()  # its call stays "in its thread"
+    rig.clock.advance(9)
+    rig.clock.advance(40)
+    assert isinstance(slow.result, Failure) and slow.result.check(TimedOut)
+    slow.addErrback(lambda _: None)
+    assert rig.vcenter.logged_out == []
+    rig.threads.run()  # the call ends; the session is idle from now on
+    assert rig.pool.session_count == 1
+    rig.clock.advance(35)
+    rig.threads.run()
+    assert len(rig.vcenter.logged_out) == 1
+
+
+def test_a_forgotten_session_is_replaced_once(rig: Rig) -> None:
+    failures = [vim.fault.NotAuthenticated()]
+
+    def work(connection: Connection) -> Any:
+        if failures:
+            raise failures.pop()
+        return connection.content
+
+    rig.run()
+    rig.threads.run()
+    d = rig.run(work)
+    rig.threads.run()
+    assert result_of(d) == 2  # the second login's session
+    assert len(rig.vcenter.dropped) == 1  # the dead one: closed, not logged out
+    assert rig.vcenter.logged_out == []
+    assert rig.pool.session_count == 1
+
+
+def test_a_session_forgotten_twice_is_an_authentication_failure(rig: Rig) -> None:
+    def work(connection: Connection) -> Any:
+        raise vim.fault.NotAuthenticated()
+
+    d = rig.run(work)
+    rig.threads.run()
+    with pytest.raises(AuthenticationFailed):
+        result_of(d)
+    assert len(rig.vcenter.logins) == 2
+
+
+def test_a_refused_login_leaves_nothing_behind(rig: Rig) -> None:
+    rig.vcenter.refuse = vim.fault.InvalidLogin(msg="Cannot complete login due to bad password")
+    with capturedLogs() as events:
+        d = rig.run()
+        rig.threads.run()
+    with pytest.raises(AuthenticationFailed, match="bad password") as raised:
+        result_of(d)
+    assert raised.value.status == 401
+    assert rig.pool.session_count == 0
+    assert rig.pool._locks == {}
+    assert all(PASSWORD not in formatEvent(e) for e in events)
+    assert all(PASSWORD not in repr(e) for e in events)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), Unreachable),
+        (TimeoutError("timed out"), TimedOut),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), CertificateMismatch),
+        (ThumbprintMismatch("AA:BB", "CC:DD"), CertificateMismatch),
+    ],
+)
+def test_network_failures_become_vsphere_errors(
+    rig: Rig, error: BaseException, kind: type[VSphereError]
+) -> None:
+    rig.vcenter.refuse = error
+    d = rig.run()
+    rig.threads.run()
+    with pytest.raises(kind):
+        result_of(d)
+
+
+def test_a_login_that_ends_after_its_deadline_is_logged_out(rig: Rig) -> None:
+    d = rig.run()
+    rig.clock.advance(10)
+    with pytest.raises(TimedOut, match="logging in"):
+        result_of(d)
+    rig.threads.run()  # the login completes late, then its logout runs
+    assert len(rig.vcenter.logins) == 1
+    assert len(rig.vcenter.logged_out) == 1
+    assert rig.pool.session_count == 0
+
+
+def test_close_logs_out_every_session_and_waits_for_busy_ones(rig: Rig) -> None:
+    rig.run()
+    rig.run(creds=attrs.evolve(CREDS, user="other"))
+    rig.threads.run()
+    busy = rig.run()
+    closed = rig.pool.close()
+    rig.threads.run(1)  # the busy call ends...
+    rig.threads.run()  # ...then both logouts run
+    assert result_of(busy) == 1
+    assert result_of(closed) is None
+    assert len(rig.vcenter.logged_out) == 2
+    assert rig.clock.getDelayedCalls() == []
+    with pytest.raises(VSphereError, match="shut down"):
+        result_of(rig.run())
+
+
+def test_close_during_a_login_logs_it_out_when_it_ends(rig: Rig) -> None:
+    d = rig.run()  # the login is still "in its thread"
+    closed = rig.pool.close()
+    assert not closed.called
+    rig.threads.run()  # the login ends, then its logout runs
+    assert result_of(closed) is None
+    assert len(rig.vcenter.logged_out) == 1
+    with pytest.raises(VSphereError, match="shut down"):
+        result_of(d)
+
+
+def test_close_does_not_wait_forever(rig: Rig) -> None:
+    rig.run()
+    rig.threads.run()
+    never = rig.run()  # its call never ends
+    with capturedLogs() as events:
+        closed = rig.pool.close()
+        rig.clock.advance(10)
+    assert result_of(closed) is None
+    with pytest.raises(TimedOut):
+        result_of(never)
+    assert any("gave up" in formatEvent(e) for e in events)
+
+
+def test_insecure_mode_warns_once() -> None:
+    with capturedLogs() as events:
+        SessionPool(Immediate(), HeldPool(), clock=Clock(), insecure=True)  # type: ignore[arg-type]
+    warnings = [e for e in events if "verification is OFF" in formatEvent(e)]
+    assert len(warnings) == 1
+    assert warnings[0]["log_level"].name == "warn"
+
+
+# -- TLS contexts ----------------------------------------------------------------------------
+
+DER = b"not really a certificate, but bytes to digest"
+
+
+def test_default_context_verifies() -> None:
+    context = tls_context(None)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+
+
+def test_insecure_context_does_not_verify() -> None:
+    context = tls_context(None, insecure=True)
+    assert context.verify_mode == ssl.CERT_NONE
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_pinned_context_accepts_only_its_certificate(algorithm: str, insecure: bool) -> None:
+    digest = hashlib.new(algorithm, DER).hexdigest()
+    context = tls_context(digest, insecure=insecure)
+    assert isinstance(context, _PinnedContext)
+    # The pin replaces CA verification, and is checked after every handshake.
+    assert context.verify_mode == ssl.CERT_NONE
+    context.check(DER)
+    with pytest.raises(ThumbprintMismatch) as raised:
+        context.check(DER + b"!")
+    assert raised.value.expected == normalise_thumbprint(digest)
+    assert "does not match" in str(raised.value)
+
+
+def test_contexts_are_never_shared() -> None:
+    assert tls_context(None) is not tls_context(None)
