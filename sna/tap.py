@@ -11,6 +11,7 @@ import re
 import time
 from typing import Any, Optional, cast
 
+import attrs
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import IService
@@ -182,7 +183,12 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     log_dir = LogDirectory(FilePath(config["log-dir"]).asTextMode(), state_dir.child("log"))
     settings: Settings = config["settings"]
     store = SQLiteJobStore(state_dir.child("sna.sqlite"))
-    launcher = ProcessLauncher(reactor, reactor, config["sbc"], log_dir, utcnow)
+    command = attrs.evolve(
+        config["sbc"],
+        insecure=bool(config["vcenter-insecure"]),
+        ca_file=config["vcenter-ca-file"],
+    )
+    launcher = ProcessLauncher(reactor, reactor, command, log_dir, utcnow)
     relays = RelayRegistry()
     metrics = Metrics(lambda: manager.counts(), relays)
     notifier = None

@@ -161,6 +161,12 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
         raise invalid("previous_change_id", f"previous_change_id is longer than {MAX_CHANGE_ID}")
     targets = parse_targets(values["nbd_targets"] or "", settings)
     per_disk = _previous_change_ids(body.get("previous_change_ids"), targets)
+    thumbprint = _optional(body, "vcenter_thumbprint")
+    if thumbprint is not None:
+        try:
+            thumbprint = normalise_thumbprint(thumbprint)
+        except InvalidVSphereRequest as e:
+            raise invalid(e.field, e.message) from None
     return BackupRequest(
         job_id=job_id,
         vm_name=values["vm_name"] or "",
@@ -172,6 +178,7 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
         backup_type=backup_type,
         previous_change_id=previous,
         previous_change_ids=per_disk,
+        vcenter_thumbprint=thumbprint,
     )
 
 

@@ -70,6 +70,8 @@ class BackupRequest:
     previous_change_id: Optional[str] = None
     #: Per disk key; wins over ``previous_change_id`` for that disk.
     previous_change_ids: tuple[tuple[str, str], ...] = ()
+    #: The vCenter certificate's SHA-1 or SHA-256 thumbprint, to pin it.
+    vcenter_thumbprint: Optional[str] = None
 
     def previous_change_id_of(self, disk_key: str) -> Optional[str]:
         return dict(self.previous_change_ids).get(disk_key, self.previous_change_id)

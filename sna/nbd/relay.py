@@ -7,22 +7,31 @@ counting them each way.  :class:`RelayRegistry` holds every relay of the
 daemon for the API and the metrics.
 
 This module owns the listening port, both sockets of every relayed connection
-and their byte counts.  It must not touch the bytes: it never parses, delays
-for, or alters NBD traffic, and it never decides what happens to a job; an
-upstream failure is reported through ``on_upstream_lost`` and the job manager
-decides.
+and their byte counts.  It must not touch the bytes: it never alters, delays
+or parses NBD traffic, except that it remembers the last request header the
+client sent, to tell a clean ``NBD_CMD_DISC`` end of session from a hub that
+went away.  It never decides what happens to a job: an upstream failure is
+reported through ``on_upstream_lost`` and the job manager decides.
 
-Two data paths, chosen per connection once the upstream is connected:
+The data path is chosen per connection once the upstream is connected:
 
-``splice`` (Linux, both ends real TCP sockets of a file-descriptor reactor)
-    Each direction is ``socket -> pipe -> socket`` with ``os.splice``, driven by
-    the reactor's readiness through our own read/write descriptors.  The bytes
-    never enter Python; the pipe is the only buffer the relay adds, so a slow
-    side stops the relay reading the other side as soon as one pipe is full.
-    The Twisted transports keep owning the sockets: they are only lent to the
-    pumps and get them back to close them.
+``copy`` (the default when both ends are real TCP sockets of a file-descriptor reactor)
+    The Twisted transports lend their sockets to two pumps driven by the
+    reactor's readiness through our own read/write descriptors; each pump
+    ``recv_into``s one page-aligned COPY_BUFFER and ``send``s from it.  A pump
+    holds at most one read, and stops reading its source while its
+    destination takes nothing, so a slow side slows the other through TCP's
+    window instead of growing the relay.  The transports get their sockets
+    back to close them.  Measured on loopback against ``socat -b 1048576``:
+    the same throughput or more, for less CPU per GiB (benchmarks/README.md).
 
-``transport`` (everywhere else, and in-memory tests)
+``splice`` (Linux; only when asked for)
+    The same pumps, moving bulk bytes ``socket -> pipe -> socket`` with
+    ``os.splice`` so they never enter the relay: the least relay CPU, but on
+    loopback the receiver pays more for the spliced buffers and the copy path
+    moves more.  Kept for upstreams behind a real network interface.
+
+``transport`` (any reactor, and in-memory tests)
     ``twisted.protocols.portforward``'s design: the client transport is paused
     until the upstream connects, then each transport is registered as the
     other's streaming producer.
@@ -31,6 +40,7 @@ Two data paths, chosen per connection once the upstream is connected:
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import socket
 import sys
@@ -71,6 +81,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sna.nbd.wire import REQUEST_MAGIC, Command
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
 
@@ -85,15 +97,21 @@ __all__ = [
 log = Logger()
 
 RelayState = Literal["listening", "connected", "closed", "upstream_lost"]
-DataPath = Literal["auto", "splice", "transport"]
+DataPath = Literal["auto", "copy", "splice", "transport"]
 
+#: The copy pump's buffer, per direction and connection: the most one read
+#: takes and the most the pump holds.  Measured on loopback (256 KiB to
+#: 4 MiB): from 2 MiB on the relay matches or beats socat -b 1048576; more
+#: mostly loosens the bound on what the relay holds.
+COPY_BUFFER = 2 << 20
 #: Capacity asked for each splice pipe.  1 MiB is the unprivileged maximum
 #: (/proc/sys/fs/pipe-max-size) and lets one splice move a whole NBD request
 #: of the sizes clients use; the pages are only referenced, never copied.
 PIPE_SIZE = 1 << 20
 #: Bytes one readiness event may move before the pump yields to the rest of
-#: the reactor (other relays, the API), so one fast connection cannot starve them.
-READ_BUDGET = 8 << 20
+#: the reactor (other connections, the API), so one fast connection cannot
+#: starve them.  From one read to 8 MiB made no measurable difference.
+READ_BUDGET = 4 << 20
 #: How long an upstream connection attempt may take.
 CONNECT_TIMEOUT = 30.0
 #: How long stop() lets connections flush before aborting them.
@@ -102,12 +120,33 @@ STOP_GRACE = 2.0
 #: slots of RATE_STEP seconds (so the window's start moves in steps).
 RATE_WINDOW = 5.0
 RATE_STEP = 1.0
-#: Upper bound on what closing a spliced connection reads and drops from the
-#: upstream socket first: closing a socket with unread data sends a reset,
-#: which would throw away bytes still queued towards the hub.
+#: Upper bound on what the copy and splice paths read and drop from the
+#: upstream socket before closing it once the client is done: closing a socket
+#: with unread data sends a reset, which would throw away bytes still queued
+#: towards the hub.
 DISCARD_LIMIT = 16 << 20
 
+#: Reads up to this size go through Python on the splice path: as cheap as
+#: splicing them (two system calls either way) and the relay sees the bytes.
+SMALL_READ = 4096
+
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# Enough of the NBD request header to recognise NBD_CMD_DISC, compact or
+# extended (NBD_OPT_EXTENDED_HEADERS, qemu >= 8.2; not in sna.nbd.wire).
+_REQUEST_MAGIC = REQUEST_MAGIC.to_bytes(4, "big")
+_EXTENDED_REQUEST_MAGIC = (0x21E41C71).to_bytes(4, "big")
+_CMD_DISC = Command.DISC.to_bytes(2, "big")
+_TAIL = 32
+
+
+def _is_disconnect(tail: bytes) -> bool:
+    """Whether ``tail``, the last bytes a client sent, ends with an NBD_CMD_DISC request."""
+    compact, extended = tail[-28:], tail[-32:]
+    return (len(compact) == 28 and compact[:4] == _REQUEST_MAGIC and compact[6:8] == _CMD_DISC) or (
+        len(extended) == 32
+        and extended[:4] == _EXTENDED_REQUEST_MAGIC
+        and extended[6:8] == _CMD_DISC
+    )
 
 
 def splice_available() -> bool:
@@ -227,20 +266,21 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-# -- the splice data path ----------------------------------------------------
+# -- the socket data paths (copy, splice) ----------------------------------------
 
 
 @implementer(IReadWriteDescriptor)
-class _SpliceSocket:
+class _LentSocket:
     """The reactor's view of one lent socket: readable feeds one pump, writable the other."""
 
-    def __init__(self, splice: _Splice, transport: tcp.Connection, side: str) -> None:
-        self.splice = splice
+    def __init__(self, path: _SocketPath, transport: tcp.Connection, side: str) -> None:
+        self.path = path
         self.transport = transport
+        self.sock = transport.getHandle()
         self.side = side
         self.fd: int = transport.fileno()
         self.active = True
-        # Set by _Splice once both pumps exist.
+        # Set by the pumps once both exist.
         self.source: _Pump
         self.sink: _Pump
 
@@ -260,38 +300,179 @@ class _SpliceSocket:
         # could tell us; the socket's own error says what happened.
         if not self.active:
             return
-        code = self.transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self.splice.failed(self.side, OSError(code, os.strerror(code)))
+            self.path.failed(self.side, OSError(code, os.strerror(code)))
         else:
-            self.splice.source_ended(self.side)
+            self.path.source_ended(self.side)
 
     def logPrefix(self) -> str:
         return "sna-relay-" + self.side
 
 
 class _Pump:
-    """One direction of a spliced connection: src socket -> pipe -> dst socket."""
+    """One direction of a connection whose sockets are lent: src socket -> dst socket.
 
-    def __init__(
-        self, splice: _Splice, src: _SpliceSocket, dst: _SpliceSocket, fdset: IReactorFDSet
-    ) -> None:
-        self.splice = splice
+    A pump holds at most one read's worth of bytes.  When dst takes no more
+    it stops reading src until writable() has flushed, so the kernel stops the
+    sender through TCP's window: that is the backpressure.
+    """
+
+    def __init__(self, path: _SocketPath, src: _LentSocket, dst: _LentSocket) -> None:
+        self.path = path
         self.src = src
         self.dst = dst
-        self.fdset = fdset
-        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.capacity = _grow_pipe(self.wfd)
-        self.in_pipe = 0
+        self.fdset = path.fdset
+        # The last bytes read from src, as far as the pump has seen them.
+        self.tail = b""
         self.moved = 0
         self.ended = False
         src.source = self
         dst.sink = self
 
+    @property
+    def buffered(self) -> int:
+        raise NotImplementedError
+
     def readable(self) -> None:
-        # The pipe is always empty here: when dst stops taking bytes the pump
-        # stops reading src until writable() has emptied it.  An EAGAIN from
-        # the first splice therefore always means "src has nothing more now".
+        raise NotImplementedError
+
+    def flush(self) -> bool:
+        """Send on what the pump holds; True when it holds nothing more."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the pump owns (the sockets stay with their transports)."""
+
+    def writable(self) -> None:
+        if self.flush():
+            self.fdset.removeWriter(self.dst)
+            if self.ended:
+                self.path.source_ended(self.src.side)
+            elif self.src.active:
+                self.fdset.addReader(self.src)
+
+    def _wait_for_dst(self) -> None:
+        self.fdset.removeReader(self.src)
+        self.fdset.addWriter(self.dst)
+
+
+class _CopyPump(_Pump):
+    """recv_into one page-aligned buffer and send from it, as socat does.
+
+    Two copies per byte, but large reads keep the system calls few, and the
+    receiver gets ordinary socket buffers (see _SplicePump for why that matters).
+    """
+
+    def __init__(self, path: _SocketPath, src: _LentSocket, dst: _LentSocket) -> None:
+        super().__init__(path, src, dst)
+        # mmap, not bytearray: page-aligned, which this kind of CPU copies into
+        # several times faster (nbd-baselines.md, observation 6); pages are
+        # only touched as far as reads fill them.
+        self.buffer = mmap.mmap(-1, COPY_BUFFER)
+        self.view = memoryview(self.buffer)
+        # Bytes read but not yet sent: view[start:end].
+        self.start = 0
+        self.end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def readable(self) -> None:
+        # The pump holds nothing here (see _Pump), so the whole buffer is free.
+        recv_into, send, view = self.src.sock.recv_into, self.dst.sock.send, self.view
+        budget = READ_BUDGET
+        moved = 0
+        try:
+            while budget > 0:
+                try:
+                    n = recv_into(view)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self.path.failed(self.src.side, exc)
+                    return
+                if n == 0:
+                    self.ended = True
+                    self.path.source_ended(self.src.side)
+                    return
+                budget -= n
+                self.tail = (self.tail + bytes(view[max(0, n - _TAIL) : n]))[-_TAIL:]
+                sent = 0
+                while sent < n:
+                    try:
+                        out = send(view[sent:n])
+                    except BlockingIOError:
+                        self.start, self.end = sent, n
+                        self._wait_for_dst()
+                        return
+                    except OSError as exc:
+                        self.start, self.end = sent, n
+                        self.path.failed(self.dst.side, exc)
+                        return
+                    sent += out
+                    moved += out
+        finally:
+            self.moved += moved
+            self.path.progress(moved)
+
+    def flush(self) -> bool:
+        moved = 0
+        try:
+            while self.start < self.end:
+                try:
+                    out = self.dst.sock.send(self.view[self.start : self.end])
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self.path.failed(self.dst.side, exc)
+                    return False
+                self.start += out
+                moved += out
+            self.start = self.end = 0
+            return True
+        finally:
+            self.moved += moved
+            self.path.progress(moved)
+
+    def close(self) -> None:
+        self.start = self.end = 0
+        self.view.release()
+        try:
+            self.buffer.close()
+        except BufferError:
+            # A slice still referenced somewhere (a traceback being logged):
+            # the mapping goes when that reference does.
+            pass
+
+
+class _SplicePump(_Pump):
+    """socket -> pipe -> socket with os.splice: the bytes never enter the relay.
+
+    The relay's own CPU is the lowest of the paths, but the skbs it sends are
+    made of the sender's page fragments, and on loopback the receiver pays for
+    that: measured against nbdkit on loopback it moved less than the copy pump
+    (benchmarks/README.md).  It is kept for upstreams behind a real NIC.
+    Reads of at most SMALL_READ bytes (request headers, replies) go through
+    read/write instead: as cheap, and the pump sees them.
+    """
+
+    def __init__(self, path: _SocketPath, src: _LentSocket, dst: _LentSocket) -> None:
+        super().__init__(path, src, dst)
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.capacity = _grow_pipe(self.wfd)
+        self.in_pipe = 0
+        # A small read that dst did not take in full: sent before the pipe.
+        self.leftover = b""
+
+    @property
+    def buffered(self) -> int:
+        return self.in_pipe + len(self.leftover)
+
+    def readable(self) -> None:
+        # The pump holds nothing here (see _Pump), so an EAGAIN from the first
+        # splice means "src has nothing more now", never "the pipe is full".
         splice = os.splice
         src, dst, rfd, wfd = self.src.fd, self.dst.fd, self.rfd, self.wfd
         capacity = self.capacity
@@ -304,13 +485,31 @@ class _Pump:
                 except BlockingIOError:
                     return
                 except OSError as exc:
-                    self.splice.failed(self.src.side, exc)
+                    self.path.failed(self.src.side, exc)
                     return
                 if n == 0:
                     self.ended = True
-                    self.splice.source_ended(self.src.side)
+                    self.path.source_ended(self.src.side)
                     return
                 budget -= n
+                if n <= SMALL_READ:
+                    data = os.read(rfd, n)
+                    self.tail = (self.tail + data)[-_TAIL:]
+                    try:
+                        out = os.write(dst, data)
+                    except BlockingIOError:
+                        out = 0
+                    except OSError as exc:
+                        self.leftover = data
+                        self.path.failed(self.dst.side, exc)
+                        return
+                    moved += out
+                    if out < n:
+                        self.leftover = data[out:]
+                        self._wait_for_dst()
+                        return
+                    continue
+                self.tail = b""
                 while n:
                     try:
                         out = splice(rfd, dst, n, flags=_SPLICE_FLAGS)
@@ -320,47 +519,41 @@ class _Pump:
                         return
                     except OSError as exc:
                         self.in_pipe = n
-                        self.splice.failed(self.dst.side, exc)
+                        self.path.failed(self.dst.side, exc)
                         return
                     n -= out
                     moved += out
         finally:
             self.moved += moved
-            self.splice.progress(moved)
-
-    def writable(self) -> None:
-        if self.flush():
-            self.fdset.removeWriter(self.dst)
-            if self.ended:
-                self.splice.source_ended(self.src.side)
-            elif self.src.active:
-                self.fdset.addReader(self.src)
+            self.path.progress(moved)
 
     def flush(self) -> bool:
-        """Move what the pipe holds to dst; True when the pipe is empty."""
         moved = 0
         try:
+            while self.leftover:
+                try:
+                    out = os.write(self.dst.fd, self.leftover)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self.path.failed(self.dst.side, exc)
+                    return False
+                self.leftover = self.leftover[out:]
+                moved += out
             while self.in_pipe:
                 try:
                     out = os.splice(self.rfd, self.dst.fd, self.in_pipe, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return False
                 except OSError as exc:
-                    self.splice.failed(self.dst.side, exc)
+                    self.path.failed(self.dst.side, exc)
                     return False
                 self.in_pipe -= out
                 moved += out
             return True
         finally:
             self.moved += moved
-            self.splice.progress(moved)
-
-    def _wait_for_dst(self) -> None:
-        # Backpressure: the pipe is the only buffer, so a destination that
-        # takes nothing stops us reading the source (and the kernel then stops
-        # the sender through TCP's window).
-        self.fdset.removeReader(self.src)
-        self.fdset.addWriter(self.dst)
+            self.path.progress(moved)
 
     def close(self) -> None:
         for fd in (self.rfd, self.wfd):
@@ -369,6 +562,7 @@ class _Pump:
             except OSError:
                 pass
         self.in_pipe = 0
+        self.leftover = b""
 
 
 def _grow_pipe(fd: int) -> int:
@@ -382,17 +576,24 @@ def _grow_pipe(fd: int) -> int:
         return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
 
 
-class _Splice:
-    """The data path of one connection while both sockets are lent to it."""
+_PUMPS: dict[str, type[_Pump]] = {"copy": _CopyPump, "splice": _SplicePump}
 
-    def __init__(self, conn: _Connection, client: tcp.Connection, upstream: tcp.Connection) -> None:
+
+class _SocketPath:
+    """The data path of one connection while both sockets are lent to its pumps."""
+
+    def __init__(
+        self, conn: _Connection, kind: str, client: tcp.Connection, upstream: tcp.Connection
+    ) -> None:
         self.conn = conn
+        self.kind = kind
         self.fdset = IReactorFDSet(conn.relay._reactor)
-        self.client = _SpliceSocket(self, client, "client")
-        self.upstream = _SpliceSocket(self, upstream, "upstream")
-        self.to_hub = _Pump(self, self.client, self.upstream, self.fdset)
+        self.client = _LentSocket(self, client, "client")
+        self.upstream = _LentSocket(self, upstream, "upstream")
+        pump = _PUMPS[kind]
+        self.to_hub = pump(self, self.client, self.upstream)
         try:
-            self.from_hub = _Pump(self, self.upstream, self.client, self.fdset)
+            self.from_hub = pump(self, self.upstream, self.client)
         except OSError:
             self.to_hub.close()
             raise
@@ -413,13 +614,13 @@ class _Splice:
 
     @property
     def buffered(self) -> int:
-        return self.to_hub.in_pipe + self.from_hub.in_pipe
+        return self.to_hub.buffered + self.from_hub.buffered
 
     def source_ended(self, side: str) -> None:
         if not self.running:
             return
         if side == "client":
-            if self.to_hub.in_pipe:
+            if self.to_hub.buffered:
                 # writable() calls back here once the hub has taken the rest.
                 self.to_hub.ended = True
                 self.fdset.removeReader(self.client)
@@ -449,7 +650,7 @@ class _Splice:
             self.fdset.removeReader(side)
             self.fdset.removeWriter(side)
         if drain_upstream:
-            _discard_readable(self.upstream.transport.getHandle())
+            _discard_readable(self.upstream.sock)
         self.to_hub.close()
         self.from_hub.close()
 
@@ -521,10 +722,12 @@ class _Connection:
         self.client_transport: ITransport = client.transport
         self.upstream_transport: Optional[ITransport] = None
         self.connecting: Optional[Deferred[IProtocol]] = None
-        self.splice: Optional[_Splice] = None
+        self.path: Optional[_SocketPath] = None
         # Counted by the transport path; the splice path counts in its pumps.
         self.to_hub = 0
         self.from_hub = 0
+        # The last bytes the client sent, on the transport path.
+        self.tail = b""
         self.client_open = True
         self.upstream_open = False
         self.closing = False
@@ -537,14 +740,19 @@ class _Connection:
         return self.upstream_open and not self.closing
 
     def counts(self) -> tuple[int, int]:
-        if self.splice is None:
+        if self.path is None:
             return self.to_hub, self.from_hub
-        to_hub, from_hub = self.splice.moved()
+        to_hub, from_hub = self.path.moved()
         return self.to_hub + to_hub, self.from_hub + from_hub
 
+    def said_goodbye(self) -> bool:
+        """Whether the last thing the client sent was NBD_CMD_DISC."""
+        tail = self.path.to_hub.tail if self.path is not None else self.tail
+        return _is_disconnect(tail)
+
     def buffered(self) -> int:
-        if self.splice is not None:
-            return self.splice.buffered
+        if self.path is not None:
+            return self.path.buffered
         return _pending_bytes(self.client_transport) + _pending_bytes(self.upstream_transport)
 
     # -- setting up
@@ -580,24 +788,26 @@ class _Connection:
             if ITCPTransport.providedBy(transport):
                 ITCPTransport(transport).setTcpNoDelay(True)
         self.relay._upstream_connected(self)
+        kind = self.relay._socket_path
         if (
-            self.relay._splice
+            kind is not None
             and isinstance(client, tcp.Connection)
             and isinstance(upstream, tcp.Connection)
         ):
             try:
-                self.splice = _Splice(self, client, upstream)
+                self.path = _SocketPath(self, kind, client, upstream)
             except OSError as exc:
-                # Out of file descriptors for the pipes: this connection can
-                # still be relayed the portable way.
+                # Out of memory or file descriptors for the buffer or pipes:
+                # this connection can still be relayed the portable way.
                 log.warn(
-                    "relay {job_id}/{disk_key}: no splice pipes ({error}), using transports",
+                    "relay {job_id}/{disk_key}: no {kind} path ({error}), using transports",
                     job_id=self.relay.job_id,
                     disk_key=self.relay.disk_key,
+                    kind=kind,
                     error=_error_text(exc),
                 )
             else:
-                self.splice.start()
+                self.path.start()
                 return
         IConsumer(upstream).registerProducer(IPushProducer(client), True)
         IConsumer(client).registerProducer(IPushProducer(upstream), True)
@@ -611,6 +821,7 @@ class _Connection:
             # Read by a transport handed back for closing: never relayed.
             return
         upstream.write(data)
+        self.tail = (self.tail + data[-_TAIL:])[-_TAIL:]
         self.to_hub += len(data)
         self.relay._progress(len(data))
 
@@ -649,9 +860,9 @@ class _Connection:
         )
         if self.connecting is not None:
             self.connecting.cancel()
-        if self.splice is not None:
-            # The splice pump only ends after its pipe reached the hub.
-            self.splice.finish(drain_upstream=True)
+        if self.path is not None:
+            # A pump only reports the client's end once it has sent all it held.
+            self.path.finish(drain_upstream=True)
         self._close(self.client_transport)
         if self.upstream_transport is not None:
             # A transport flushes its buffer before closing.
@@ -661,12 +872,13 @@ class _Connection:
         """The upstream closed or failed while the client was connected."""
         if self.closing:
             return
+        # An NBD server closes first only after NBD_CMD_DISC, and the client
+        # closes right after sending it; the hub's close can still reach the
+        # relay before the client's.  Both are the normal end of a session.
+        if self.said_goodbye() or _peer_has_finished(self.client_transport):
+            self.client_finished("session ended")
+            return
         if why is None or (isinstance(why, Failure) and why.check(ConnectionDone)):
-            # A clean close.  The client may have closed first and the relay
-            # not seen it yet: only then is this the normal end of a session.
-            if _peer_has_finished(self.client_transport):
-                self.client_finished("client closed the connection")
-                return
             reason = "upstream " + self.relay._target + " closed the connection"
         else:
             text = _failure_text(why) if isinstance(why, Failure) else _error_text(why)
@@ -675,8 +887,8 @@ class _Connection:
 
     def _lose_upstream(self, reason: str) -> None:
         self.closing = True
-        if self.splice is not None:
-            self.splice.finish(drain_upstream=False)
+        if self.path is not None:
+            self.path.finish(drain_upstream=False)
         self.relay._upstream_lost(self, reason)
         self._close(self.client_transport)
         if self.upstream_transport is not None:
@@ -684,11 +896,11 @@ class _Connection:
 
     def shutdown(self) -> None:
         """Close both sides because the relay stops."""
-        if self.splice is not None and not self.closing:
-            # What the pipes hold goes on if the peers take it right now; a
+        if self.path is not None and not self.closing:
+            # What the pumps hold goes on if the peers take it right now; a
             # transport flushes its own buffer while it closes.
-            self.splice.to_hub.flush()
-            self.splice.from_hub.flush()
+            self.path.to_hub.flush()
+            self.path.from_hub.flush()
         self.client_finished("relay stopped")
 
     def abort(self) -> None:
@@ -747,10 +959,11 @@ class Relay:
     """A loopback listener relaying every connection to one NBD target.
 
     ``reactor`` must provide :class:`IReactorTCP` and :class:`IReactorTime`;
-    the splice path also needs :class:`IReactorFDSet`.  ``clock`` returns
-    monotonic seconds (default :func:`time.monotonic`) and is only used for
-    the figures.  ``data_path`` is ``"auto"`` (splice where possible),
-    ``"splice"`` (fail at construction if unavailable) or ``"transport"``.
+    the copy and splice paths also need :class:`IReactorFDSet`.  ``clock``
+    returns monotonic seconds (default :func:`time.monotonic`) and is only
+    used for the figures.  ``data_path`` is ``"auto"`` (copy where the reactor
+    allows it, else transport), ``"copy"``, ``"splice"`` (both fail at
+    construction where unavailable) or ``"transport"``.
     """
 
     def __init__(
@@ -767,10 +980,13 @@ class Relay:
         clock: Optional[Callable[[], float]] = None,
         data_path: DataPath = "auto",
     ) -> None:
+        if data_path not in ("auto", "copy", "splice", "transport"):
+            raise ValueError(f"unknown data path {data_path!r}")
+        fd_reactor = IReactorFDSet.providedBy(reactor)
+        if data_path in ("copy", "splice") and not fd_reactor:
+            raise ValueError(f"the {data_path} data path needs a file-descriptor reactor")
         if data_path == "splice" and not splice_available():
             raise ValueError("the splice data path needs Linux and os.splice")
-        if data_path not in ("auto", "splice", "transport"):
-            raise ValueError(f"unknown data path {data_path!r}")
         self._reactor = reactor
         self.target_host = target_host
         self.target_port = target_port
@@ -782,9 +998,12 @@ class Relay:
         self._target = f"{target_host}:{target_port}"
         self._on_upstream_lost = on_upstream_lost
         self._clock = clock or time.monotonic
-        self._splice = (
-            data_path != "transport" and splice_available() and IReactorFDSet.providedBy(reactor)
-        )
+        # The pump kind for connections between real TCP sockets; None: transports.
+        self._socket_path: Optional[Literal["copy", "splice"]] = None
+        if data_path in ("copy", "splice"):
+            self._socket_path = data_path
+        elif data_path == "auto" and fd_reactor:
+            self._socket_path = "copy"
         self._endpoint = _client_endpoint(reactor, target_host, target_port)
         self._port: Optional[IListeningPort] = None
         self._connections: list[_Connection] = []
@@ -804,9 +1023,9 @@ class Relay:
         self._grace: Optional[IDelayedCall] = None
 
     @property
-    def data_path(self) -> Literal["splice", "transport"]:
+    def data_path(self) -> Literal["copy", "splice", "transport"]:
         """The path new connections take when both ends are real TCP sockets."""
-        return "splice" if self._splice else "transport"
+        return self._socket_path or "transport"
 
     async def start(self) -> int:
         """Listen on ``listen_host`` and a free port; return the port."""
@@ -946,7 +1165,7 @@ class Relay:
             number=conn.number,
             to_hub=to_hub,
             from_hub=from_hub,
-            data_path="splice" if conn.splice is not None else "transport",
+            data_path=conn.path.kind if conn.path is not None else "transport",
         )
         self._check_stopped()
 

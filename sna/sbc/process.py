@@ -94,6 +94,9 @@ class ClientCommand:
 
     argv: tuple[str, ...]
     legacy: bool = False
+    #: vCenter TLS for our client: no verification (--vcenter-insecure), extra CAs.
+    insecure: bool = False
+    ca_file: Optional[str] = None
 
     @classmethod
     def parse(cls, command: str, legacy: bool = False) -> ClientCommand:
@@ -150,6 +153,12 @@ class ClientCommand:
             if request.previous_change_ids:
                 by_disk = json.dumps(dict(request.previous_change_ids), separators=(",", ":"))
                 args += ["--previous-change-ids", by_disk]
+            if request.vcenter_thumbprint:
+                args += ["--vcenter-thumbprint", request.vcenter_thumbprint]
+            if self.insecure:
+                args.append("--insecure")
+            if self.ca_file:
+                args += ["--vcenter-ca-file", self.ca_file]
         return args
 
     def environment(self, request: BackupRequest, base: Mapping[str, str]) -> dict[str, str]:

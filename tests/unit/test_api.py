@@ -444,3 +444,36 @@ def test_password_never_in_answers_or_records(harness: Harness) -> None:
     ):
         assert "s3cret-P@ss" not in json.dumps(harness.request("GET", path)[1])
     assert "s3cret-P@ss" not in json.dumps(harness.store.jobs)
+
+
+def test_previous_change_ids_per_disk(harness: Harness) -> None:
+    body = backup_body(
+        backup_type="incremental",
+        previous_change_ids={"2000": "52 aa/7", "2001": "PLACEHOLDER"},
+        vcenter_thumbprint="ab" * 20,
+    )
+    assert harness.request("POST", "/api/v1/backup/start", body)[0] == 200
+    request = harness.launcher.requests["backup-pgtest1-1760099954"]
+    assert request.previous_change_ids == (("2000", "52 aa/7"),)
+    args = harness.launcher.command.arguments(request)
+    assert args[args.index("--previous-change-ids") + 1] == '{"2000":"52 aa/7"}'
+    assert args[args.index("--vcenter-thumbprint") + 1] == ":".join(["AB"] * 20)
+    status = harness.request("GET", "/api/v1/status/backup-pgtest1-1760099954")[1]
+    assert [d["previous_change_id"] for d in status["disks"]] == ["52 aa/7", None]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"2016": "x/1"}, "names disk '2016', which is not in nbd_targets"),
+        ({"2000": 5}, "previous_change_ids[2000] must be a string"),
+        (["x"], "previous_change_ids must be an object"),
+        ({"2000": "x" * 300}, "is longer than 256"),
+    ],
+)
+def test_bad_previous_change_ids(harness: Harness, value: Any, message: str) -> None:
+    body = backup_body(backup_type="incremental", previous_change_ids=value)
+    code, answer = harness.request("POST", "/api/v1/backup/start", body)
+    assert (code, answer["field"]) == (400, "previous_change_ids")
+    assert message in answer["message"]
+    assert harness.launcher.requests == {}

@@ -1,0 +1,698 @@
+"""One backup run, start to finish: vCenter, the snapshot, every disk, the cleanup, the events.
+
+:class:`BackupJob` is the only place that sequences things:
+
+1. log in, find the VM, remove a leftover snapshot of *this* job (exact name),
+   check CBT (enable it only on a VM without snapshots);
+2. take the snapshot ``sbak-{job_id}``, list its disks, map each disk key to
+   exactly one target (an unmapped disk or a target without a disk fails the
+   run before any byte moves), connect every target and open every reader
+   (sizes and the ``206`` probe checked, still before any byte moves);
+3. per disk, decide full or incremental and say why, get the areas from
+   ``QueryChangedDiskAreas`` (``"*"`` for a full), copy them
+   (:mod:`sna.backup.copier`, which ends with ``FLUSH``), and only then send
+   ``disk_done`` with the snapshot's change ID;
+4. always: close or abort the connections, remove the snapshot (also after a
+   failure or a signal), log out; ``done`` only when all of it succeeded.
+
+Blocking pyVmomi calls run on one worker thread, one at a time.  Cancellation
+(SIGTERM/SIGINT, or a stalled copy) is cooperative: I/O is aborted, the
+current vCenter call is allowed to finish, and the cleanup runs as after any
+failure.  This module does not parse argv, configure logging or touch the
+reactor's lifetime (that is :mod:`sna.backup.cli`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
+
+import attrs
+from pyVmomi import vmodl
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from sna.backup import tls
+from sna.backup.changeid import ChangeId, InvalidChangeId, parse_change_id, try_parse
+from sna.backup.copier import CopyError, DiskCopy, DiskStats
+from sna.backup.events import EventWriter
+from sna.backup.extents import Area, PagingError, page_changed_areas, plan, total
+from sna.backup.nbdkit import NbdkitError, VddkServers
+from sna.backup.options import PASSWORD_ENV, JobOptions, NbdAddress, Target
+from sna.backup.readers import (
+    FolderReader,
+    IDiskReader,
+    NbdReader,
+    ReaderError,
+    connect_address,
+)
+from sna.backup.vsphere import Session, SnapshotDisk, VSphereError, describe_fault, moref
+from sna.nbd.client import NBDClient
+from sna.nbd.errors import NBDError
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: How often progress is reported per disk (the contract asks for at least once a second).
+PROGRESS_INTERVAL = 1.0
+#: How long a polite NBD disconnect may take before the connection is dropped.
+CLOSE_TIMEOUT = 10.0
+
+
+class JobError(Exception):
+    """The run cannot go on; the message is the ``error`` event's."""
+
+    def __init__(self, message: str, disk_key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.disk_key = disk_key
+
+
+class Cancelled(Exception):
+    pass
+
+
+@attrs.frozen
+class Decision:
+    sync_type: str  # "full" or "incremental"
+    reason: str
+    base: Optional[ChangeId] = None
+
+
+@attrs.define
+class DiskRun:
+    """What the job knows about one disk during the run."""
+
+    disk: SnapshotDisk
+    target: Target
+    change_id: ChangeId
+    client: Optional[NBDClient] = None
+    reader: Optional[IDiskReader] = None
+    stats: Optional[DiskStats] = None
+    started: float = 0.0
+    done: bool = False
+
+
+class _DaemonThreadPool(ThreadPool):
+    # A vCenter call stuck in a socket must not keep the process alive after
+    # the run has given up on it.
+    def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
+        return threading.Thread(*args, daemon=True, **kwargs)
+
+
+def decide(
+    disk: SnapshotDisk,
+    current: ChangeId,
+    target_size: int,
+    backup_type: Optional[str],
+    previous: Optional[str],
+) -> Decision:
+    """Full or incremental for one disk, and why (pure; the reasons reach the operator)."""
+    if backup_type == "full":
+        return Decision("full", "backup_type full requested")
+    if not previous:
+        return Decision("full", "no previous change ID for this disk")
+    try:
+        base = parse_change_id(previous)
+    except InvalidChangeId as e:
+        return Decision("full", f"the previous change ID is not usable: {e}")
+    if not base.same_instance(current):
+        return Decision(
+            "full",
+            f"CBT was reset: the previous change ID belongs to tracking instance "
+            f"{base.uuid_text!r}, the disk's is now {current.uuid_text!r}",
+        )
+    if base.sequence > current.sequence:
+        return Decision(
+            "full",
+            f"the previous change ID {base.text!r} is newer than the snapshot's {current.text!r}",
+        )
+    if target_size != disk.capacity:
+        return Decision(
+            "full",
+            f"the target has {target_size} bytes and the disk {disk.capacity}: "
+            "the disk was resized since the previous backup",
+        )
+    return Decision("incremental", f"changes since {base.text}", base)
+
+
+def map_targets(disks: list[SnapshotDisk], targets: tuple[Target, ...]) -> dict[str, Target]:
+    """Disk key -> target, exactly; anything unmatched on either side is a :class:`JobError`."""
+    if len(targets) == 1 and targets[0].disk_key == "":
+        # The Go client's single-disk mode (no --nbd-targets).
+        if len(disks) != 1:
+            raise JobError(
+                f"no --nbd-targets given and the VM has {len(disks)} disks "
+                f"({', '.join(d.key for d in disks)}): map each disk key to a target"
+            )
+        return {disks[0].key: attrs.evolve(targets[0], disk_key=disks[0].key)}
+    by_key = {t.disk_key: t for t in targets}
+    disk_keys = [d.key for d in disks]
+    unmapped = [d for d in disks if d.key not in by_key]
+    unknown = [t.disk_key for t in targets if t.disk_key not in disk_keys]
+    problems = []
+    if unmapped:
+        problems.append(
+            "disks without a target in --nbd-targets: "
+            + ", ".join(f"{d.key} ({d.label}, {d.file_name})" for d in unmapped)
+        )
+    if unknown:
+        problems.append(
+            "--nbd-targets names disk keys the VM does not have: "
+            + ", ".join(unknown)
+            + f" (the VM's disks: {', '.join(disk_keys) or 'none'})"
+        )
+    if problems:
+        raise JobError("; ".join(problems) + "; nothing was copied")
+    return {key: by_key[key] for key in disk_keys}
+
+
+class BackupJob:
+    """One run.  :meth:`run` returns the exit status; :meth:`cancel` may come at any time."""
+
+    def __init__(self, reactor: Any, options: JobOptions, events: EventWriter) -> None:
+        self._reactor = reactor
+        self._options = options
+        self._events = events
+        self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="vsphere")
+        self._calls_in_flight = 0
+        self._session: Optional[Session] = None
+        self._vm: Any = None
+        self._snapshot: Any = None
+        self._snapshot_requested = False
+        self._vddk: Optional[VddkServers] = None
+        self._disks: list[DiskRun] = []
+        self._current: Optional[DiskRun] = None
+        self._cancel_reason: Optional[str] = None
+        self._cancel_status = 1
+        self._finishing = False
+        self._progress = LoopingCall(self._tick)
+        self._progress.clock = reactor
+        self._last_tick: tuple[float, int] = (0.0, 0)
+        self._last_change = 0.0
+        self._summary = {"bytes_read": 0, "bytes_written": 0, "bytes_zero": 0}
+
+    # -- public -----------------------------------------------------------------------------
+
+    def cancel(self, reason: str, status: int = 1) -> None:
+        """Stop the run: abort I/O now; the cleanup (snapshot removal) still runs."""
+        if self._cancel_reason is not None:
+            log.info(
+                "already stopping ({reason}); ignoring: {new}",
+                reason=self._cancel_reason,
+                new=reason,
+            )
+            return
+        self._cancel_reason = reason
+        self._cancel_status = status
+        if self._finishing:
+            log.warn("{reason} during the cleanup: finishing the cleanup first", reason=reason)
+            return
+        log.warn("stopping: {reason}", reason=reason)
+        for run in self._disks:
+            if run.client is not None:
+                run.client.abort()
+            if run.reader is not None:
+                run.reader.abort()
+
+    async def run(self) -> int:
+        self._pool.start()
+        self._progress.start(PROGRESS_INTERVAL, now=False)
+        status = 0
+        try:
+            await self._backup()
+        except Exception as e:
+            status = self._report_failure(e)
+        finally:
+            if self._progress.running:
+                self._progress.stop()
+        self._finishing = True
+        cleaned = await self._cleanup(success=status == 0)
+        if status == 0 and self._cancel_reason is not None:
+            # A signal after the last disk_done: the data is safe, but the run was asked to stop.
+            self._events.error(f"cancelled: {self._cancel_reason}")
+            status = self._cancel_status
+        if status == 0 and not cleaned:
+            status = 1
+        if status == 0:
+            count = len(self._disks)
+            self._events.done(
+                f"{count} disk{'s' if count != 1 else ''} backed up",
+                disks=count,
+                **self._summary,
+            )
+        if self._calls_in_flight == 0:
+            self._pool.stop()
+        return status
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._cancel_reason is not None:
+            raise Cancelled(self._cancel_reason)
+
+    async def _call(self, f: Callable[..., T], *args: Any) -> T:
+        """A blocking vCenter call on the job's one thread."""
+        self._calls_in_flight += 1
+        try:
+            result: T = await deferToThreadPool(self._reactor, self._pool, f, *args)
+        finally:
+            self._calls_in_flight -= 1
+        return result
+
+    async def _backup(self) -> None:
+        options = self._options
+        self._events.phase("prepare", f"Connecting to vCenter {options.endpoint}")
+        log.info(
+            "job {job}: VM {vm} on vCenter {endpoint} as {user}, {tls}",
+            job=options.job_id,
+            vm=options.vm_path,
+            endpoint=options.endpoint,
+            user=options.user,
+            tls=options.tls.describe(),
+        )
+        session = await self._call(
+            Session.login,
+            options.host,
+            options.port,
+            options.user,
+            options.password,
+            tls.ssl_context(options.tls),
+            options.io_timeout,
+        )
+        self._session = session
+        log.info("logged in to {where} ({about})", where=session.where, about=session.about)
+        self._check()
+        vm = self._vm = await self._call(session.find_vm, options.vm_path)
+        name = options.snapshot_name
+        for leftover in await self._call(session.snapshots_named, vm, name):
+            # Only this job's own name: other jobs' snapshots are never touched.
+            log.warn("removing leftover snapshot {name} of an earlier attempt", name=name)
+            await self._call(session.remove_snapshot, leftover, name)
+        await self._ensure_cbt(session, vm)
+        self._check()
+
+        self._events.phase("snapshot", f"Creating snapshot {name}")
+        self._snapshot_requested = True
+        self._snapshot = await self._call(
+            session.create_snapshot,
+            vm,
+            name,
+            f"Sendense backup {options.job_id} (removed when the backup ends)",
+            options.quiesce,
+        )
+        log.info("snapshot {name} created", name=name)
+        self._check()
+        disks = await self._call(session.snapshot_disks, self._snapshot)
+        mapping = map_targets(disks, options.targets)
+        for disk in disks:
+            change_id = try_parse(disk.change_id)
+            if change_id is None:
+                raise JobError(
+                    f"disk {disk.key} ({disk.label}) has no valid change ID in the snapshot "
+                    f"({disk.change_id!r}): CBT is not active on it; nothing was copied",
+                    disk.key,
+                )
+            self._disks.append(DiskRun(disk, mapping[disk.key], change_id))
+        await self._connect_targets()
+        await self._open_readers(session)
+
+        decisions = [
+            decide(
+                run.disk,
+                run.change_id,
+                run.client.info.size if run.client else 0,
+                options.backup_type,
+                options.previous_for(run.disk.key),
+            )
+            for run in self._disks
+        ]
+        count = len(self._disks)
+        self._events.phase("transfer", f"Copying {count} disk{'s' if count != 1 else ''}")
+        for run, decision in zip(self._disks, decisions, strict=True):
+            self._check()
+            await self._copy(run, decision)
+
+    async def _ensure_cbt(self, session: Session, vm: Any) -> None:
+        if await self._call(session.cbt_enabled, vm):
+            return
+        snapshots = await self._call(session.snapshot_names, vm)
+        if snapshots:
+            raise JobError(
+                f"CBT is off on VM {self._options.vm_path!r} and the VM has snapshots "
+                f"({', '.join(snapshots[:5])}): VMware supports enabling CBT only on a VM "
+                "without snapshots; remove them (or enable CBT yourself), then retry"
+            )
+        log.info("enabling CBT on VM {vm} (it has no snapshots)", vm=self._options.vm_path)
+        await self._call(session.enable_cbt, vm)
+
+    async def _connect_targets(self) -> None:
+        options = self._options
+        for run in self._disks:
+            address = run.target.address
+            where = f"disk {run.disk.key}: target {address.describe()}"
+            try:
+                client = await connect_address(
+                    self._reactor, address, options.connect_timeout, options.max_in_flight_bytes
+                )
+            except (NBDError, OSError) as e:
+                raise JobError(f"{where}: cannot connect: {e}", run.disk.key) from None
+            except Exception as e:
+                raise JobError(
+                    f"{where}: cannot connect: {type(e).__name__}: {e}", run.disk.key
+                ) from None
+            run.client = client
+            self._check()
+            info = client.info
+            if info.read_only:
+                raise JobError(f"{where} is read-only", run.disk.key)
+            if not info.can_flush:
+                raise JobError(
+                    f"{where} does not offer FLUSH, so the backup could not be made durable",
+                    run.disk.key,
+                )
+            if info.size < run.disk.capacity:
+                raise JobError(
+                    f"{where} has {info.size} bytes, less than the disk's {run.disk.capacity}; "
+                    "nothing was copied",
+                    run.disk.key,
+                )
+
+    async def _vddk_servers(self) -> VddkServers:
+        options = self._options
+        assert options.vddk_libdir is not None
+        try:
+            thumbprint = await self._call(
+                tls.server_thumbprint,
+                options.host,
+                options.port,
+                options.tls,
+                options.connect_timeout,
+            )
+        except OSError as e:
+            raise JobError(f"cannot get vCenter's certificate thumbprint for VDDK: {e}") from None
+        environ = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
+        self._vddk = VddkServers(
+            self._reactor,
+            nbdkit=options.nbdkit,
+            libdir=options.vddk_libdir,
+            server=options.host,
+            port=options.port,
+            user=options.user,
+            password=options.password,
+            thumbprint=thumbprint,
+            vm_moref=moref(self._vm),
+            snapshot_moref=moref(self._snapshot),
+            transports=options.vddk_transports,
+            compression=options.compression,
+            environ=environ,
+        )
+        return self._vddk
+
+    async def _open_readers(self, session: Session) -> None:
+        options = self._options
+        if options.reader == "folder":
+            cookie = await self._call(session.session_cookie)
+            datacenter = await self._call(session.datacenter_path, self._vm)
+            policy = tls.https_policy(options.tls)
+        elif options.reader == "vddk":
+            servers = await self._vddk_servers()
+        for run in self._disks:
+            reader: IDiskReader
+            if options.reader == "folder":
+                reader = FolderReader(
+                    self._reactor,
+                    base_url=f"https://{_host_for_url(options.host)}:{options.port}",
+                    datacenter=datacenter,
+                    disk=run.disk,
+                    cookie=cookie,
+                    policy=policy,
+                    connections=options.reads_in_flight,
+                    io_timeout=options.io_timeout,
+                )
+            else:
+                address: Optional[NbdAddress]
+                if options.reader == "vddk":
+                    try:
+                        address = await servers.start(run.disk)
+                    except NbdkitError as e:
+                        raise JobError(str(e), run.disk.key) from None
+                else:
+                    address = options.reader_nbd.get(run.disk.key)
+                if address is None:
+                    raise JobError(
+                        f"disk {run.disk.key}: --reader nbd and no --reader-nbd-url for it",
+                        run.disk.key,
+                    )
+                reader = NbdReader(self._reactor, address, run.disk, options.connect_timeout)
+            run.reader = reader
+            try:
+                await reader.open()
+            except ReaderError as e:
+                raise JobError(str(e), run.disk.key) from None
+            self._check()
+
+    async def _areas(self, run: DiskRun, change_id: str) -> list[Area]:
+        session, vm, snapshot = self._session, self._vm, self._snapshot
+        assert session is not None
+        key, capacity = run.disk.key, run.disk.capacity
+
+        def query() -> list[Area]:
+            return page_changed_areas(
+                lambda start: session.changed_window(vm, snapshot, key, start, change_id),
+                capacity,
+            )
+
+        return await self._call(query)
+
+    async def _copy(self, run: DiskRun, decision: Decision) -> None:
+        options = self._options
+        disk = run.disk
+        assert run.client is not None and run.reader is not None
+        areas: list[Area]
+        if decision.base is not None:
+            try:
+                areas = await self._areas(run, decision.base.text)
+            except vmodl.MethodFault as e:
+                decision = Decision(
+                    "full", f"the previous change ID was rejected by vCenter: {describe_fault(e)}"
+                )
+        if decision.base is None:
+            try:
+                areas = await self._areas(run, "*")
+            except vmodl.MethodFault as e:
+                # Not VMFS, or CBT enabled while snapshots existed: no allocation map.
+                log.warn(
+                    "disk {key}: QueryChangedDiskAreas('*') failed ({fault}): copying the whole disk",
+                    key=disk.key,
+                    fault=describe_fault(e),
+                )
+                areas = [Area(0, disk.capacity)]
+                decision = attrs.evolve(
+                    decision, reason=f"{decision.reason}; no allocation map, whole disk read"
+                )
+        self._check()
+        target_zero = options.targets_zero()
+        zero_gaps = decision.sync_type == "full" and not target_zero
+        chunk = min(options.chunk_size, run.client.info.max_payload, run.reader.max_request)
+        zeroes = run.client.info.can_write_zeroes
+        ops = plan(
+            areas,
+            disk.capacity,
+            chunk=chunk,
+            zero_gaps=zero_gaps,
+            zero_chunk=(1 << 30) if zeroes else chunk,
+        )
+        stats = DiskStats(bytes_total=total(areas))
+        if decision.sync_type == "full" and not zero_gaps:
+            stats.bytes_skipped = disk.capacity - stats.bytes_total
+        target_name = f"target {run.target.address.describe()}"
+        log.info(
+            "disk {key} ({label}, {capacity} bytes): {sync} ({reason}); {areas} areas, "
+            "{total} bytes from {source} to {target}",
+            key=disk.key,
+            label=disk.label,
+            capacity=disk.capacity,
+            sync=decision.sync_type,
+            reason=decision.reason,
+            areas=len(areas),
+            total=stats.bytes_total,
+            source=run.reader.description,
+            target=target_name,
+        )
+        self._events.disk_start(
+            disk.key,
+            decision.sync_type,
+            decision.reason,
+            stats.bytes_total,
+            capacity_bytes=disk.capacity,
+            areas=len(areas),
+            reader=options.reader,
+            base_change_id=decision.base.text if decision.base else None,
+            zero_gaps=zero_gaps,
+        )
+        run.stats = stats
+        run.started = self._reactor.seconds()
+        self._current = run
+        self._last_tick = (run.started, 0)
+        self._last_change = run.started
+        self._events.progress(disk.key, 0, stats.bytes_total, 0.0)
+        copy = DiskCopy(
+            disk.key,
+            run.reader,
+            run.client,
+            target_name,
+            ops,
+            stats,
+            workers=options.reads_in_flight,
+            stopped=lambda: self._cancel_reason,
+        )
+        await copy.run()
+        # Flushed: the bytes the change ID describes are durable on the target.
+        elapsed = max(self._reactor.seconds() - run.started, 1e-6)
+        self._current = None
+        run.done = True
+        self._events.progress(
+            disk.key, stats.bytes_done, stats.bytes_total, stats.bytes_done / elapsed
+        )
+        self._events.disk_done(
+            disk.key,
+            run.change_id.text,
+            bytes_done=stats.bytes_done,
+            bytes_total=stats.bytes_total,
+            sync_type=decision.sync_type,
+            bytes_read=stats.bytes_read,
+            bytes_written=stats.bytes_written,
+            bytes_zero=stats.bytes_zero,
+            bytes_zero_filled=stats.bytes_zero_filled,
+            bytes_skipped=stats.bytes_skipped,
+            duration_seconds=round(elapsed, 3),
+            throughput_bps=round(stats.bytes_done / elapsed, 1),
+        )
+        for key in self._summary:
+            self._summary[key] += getattr(stats, key)
+        log.info(
+            "disk {key} done in {seconds:.1f}s: {read} bytes read, {written} written, "
+            "{zero} as zeroes, change ID {change_id}",
+            key=disk.key,
+            seconds=elapsed,
+            read=stats.bytes_read,
+            written=stats.bytes_written,
+            zero=stats.bytes_zero,
+            change_id=run.change_id.text,
+        )
+
+    # -- progress and the stall watchdog ---------------------------------------------------
+
+    def _tick(self) -> None:
+        run = self._current
+        if run is None or run.stats is None:
+            return
+        now = self._reactor.seconds()
+        done = run.stats.bytes_done
+        then, before = self._last_tick
+        rate = (done - before) / (now - then) if now > then else 0.0
+        self._last_tick = (now, done)
+        self._events.progress(run.disk.key, done, run.stats.bytes_total, max(rate, 0.0))
+        if done != before:
+            self._last_change = now
+        elif now - self._last_change > self._options.stall_timeout:
+            self.cancel(
+                f"disk {run.disk.key}: no progress for {self._options.stall_timeout:g} s "
+                f"(source {run.reader.description if run.reader else '?'}, "
+                f"target {run.target.address.describe()})"
+            )
+
+    # -- failure and cleanup ---------------------------------------------------------------
+
+    def _report_failure(self, error: Exception) -> int:
+        disk_key = getattr(error, "disk_key", None)
+        if self._cancel_reason is not None:
+            if isinstance(error, Cancelled) or self._current is None:
+                message = f"cancelled: {self._cancel_reason}"
+            else:
+                message = f"cancelled: {self._cancel_reason} (while copying disk {self._current.disk.key})"
+                disk_key = self._current.disk.key
+            self._events.error(message, disk_key=disk_key)
+            return self._cancel_status
+        if isinstance(error, (JobError, CopyError, VSphereError, ReaderError, PagingError)):
+            message = str(error)
+        elif isinstance(error, vmodl.MethodFault):
+            message = f"vCenter: {describe_fault(error)}"
+        else:
+            log.failure("unexpected error", None)
+            message = f"internal error: {type(error).__name__}: {error}"
+        log.error("backup failed: {message}", message=message)
+        self._events.error(message, disk_key=disk_key)
+        return 1
+
+    async def _cleanup(self, success: bool) -> bool:
+        """Close connections, remove the snapshot, log out; False if the snapshot may remain."""
+        name = self._options.snapshot_name
+        self._events.phase(
+            "cleanup",
+            f"Removing snapshot {name}" if self._snapshot_requested else "Closing connections",
+        )
+        for run in self._disks:
+            for closer in (run.client, run.reader):
+                if closer is None:
+                    continue
+                if success:
+                    try:
+                        await closer.close().addTimeout(CLOSE_TIMEOUT, self._reactor)
+                    except Exception as e:
+                        log.warn("closing a connection failed: {error}", error=str(e))
+                        closer.abort()
+                else:
+                    closer.abort()
+        if self._vddk is not None:
+            await self._vddk.stop()
+        ok = True
+        session = self._session
+        if self._snapshot_requested and session is not None:
+            ok = await self._remove_snapshot(session, name)
+        if session is not None:
+            await self._call(session.logout)
+        return ok
+
+    async def _remove_snapshot(self, session: Session, name: str) -> bool:
+        for attempt in (1, 2):
+            try:
+                snapshots = (
+                    [self._snapshot]
+                    if self._snapshot is not None
+                    else await self._call(session.snapshots_named, self._vm, name)
+                )
+                for snapshot in snapshots:
+                    await self._call(session.remove_snapshot, snapshot, name)
+                self._snapshot = None
+                log.info("snapshot {name} removed", name=name)
+                return True
+            except Exception as e:
+                error = e
+                log.warn(
+                    "removing snapshot {name} failed (attempt {attempt}): {error}",
+                    name=name,
+                    attempt=attempt,
+                    error=str(e),
+                )
+                if attempt == 1:
+                    await _sleep(self._reactor, 2.0)
+        self._events.error(
+            f"snapshot {name} of VM {self._options.vm_path!r} could not be removed: {error}; "
+            "remove it in vCenter"
+        )
+        return False
+
+
+def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,405 @@
+"""The client's command line, compatible with the Go client's ``migrate``.
+
+:func:`parse_args` turns argv and the environment into :class:`JobOptions`,
+raising :class:`UsageError` with a message fit for an ``error`` event.  The
+Go client's flags that mean nothing here are accepted and ignored, so the
+daemon can start either client with the same argv.  The password is read
+from ``SNA_VCENTER_PASSWORD``; ``--vmware-password`` is used only when the
+environment has none (it is visible in ``ps``).
+
+Nothing here does I/O beyond reading the mapping it is given as environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, Optional
+
+import attrs
+
+from sna.backup.tls import TlsSettings, normalise_thumbprint
+
+PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
+JOB_ID_ENV = "MIGRATEKIT_JOB_ID"
+DEFAULT_VCENTER_PORT = 443
+#: The Go client's default port for ``--nbd-targets`` URLs without one.
+DEFAULT_NBD_PORT = 10809
+MiB = 1 << 20
+
+
+class UsageError(Exception):
+    """The command line is wrong; the message says how."""
+
+
+@attrs.frozen
+class NbdAddress:
+    """Where an NBD export is: TCP ``host:port`` or a Unix ``socket``."""
+
+    export: str
+    host: Optional[str] = None
+    port: Optional[int] = None
+    socket: Optional[str] = None
+
+    def describe(self) -> str:
+        where = f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
+        return f"{where}/{self.export}"
+
+
+@attrs.frozen
+class Target:
+    """One entry of ``--nbd-targets``: the VMware disk key and its NBD export."""
+
+    disk_key: str
+    address: NbdAddress
+
+
+@attrs.frozen
+class JobOptions:
+    host: str
+    port: int
+    user: str
+    password: str = attrs.field(repr=False)
+    vm_path: str
+    job_id: str
+    targets: tuple[Target, ...]
+    #: None: the Go client's behaviour (incremental wherever a usable previous ID exists).
+    backup_type: Optional[str] = None
+    previous_change_id: Optional[str] = None
+    previous_change_ids: Mapping[str, str] = attrs.field(factory=dict)
+    reader: str = "folder"
+    reader_nbd: Mapping[str, NbdAddress] = attrs.field(factory=dict)
+    vddk_libdir: Optional[str] = None
+    nbdkit: str = "nbdkit"
+    vddk_transports: str = "file:nbdssl:nbd"
+    #: nbdkit-vddk's compression= (the Go client's --compression-method); None: VDDK's default.
+    compression: Optional[str] = None
+    tls: TlsSettings = attrs.field(factory=TlsSettings)
+    quiesce: bool = False
+    #: "auto", "yes" or "no": may a full leave what "*" does not report unwritten?
+    target_zero: str = "auto"
+    chunk_size: int = 4 * MiB
+    reads_in_flight: int = 4
+    max_in_flight_bytes: int = 64 * MiB
+    connect_timeout: float = 30.0
+    io_timeout: float = 120.0
+    stall_timeout: float = 600.0
+    debug: bool = False
+    #: The password came from --vmware-password (visible in ps), not the environment.
+    password_from_argv: bool = False
+
+    @property
+    def snapshot_name(self) -> str:
+        return f"sbak-{self.job_id}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def previous_for(self, disk_key: str) -> Optional[str]:
+        """The previous change ID for one disk: ``--previous-change-ids`` first."""
+        return self.previous_change_ids.get(disk_key, self.previous_change_id)
+
+    def targets_zero(self) -> bool:
+        """Whether fresh targets may be trusted to read as zeros (see docs/sbc-events.md)."""
+        if self.target_zero == "auto":
+            # The hub makes a fresh qcow2 (no backing file) for every full job and
+            # an overlay on the previous backup for every incremental one.
+            return self.backup_type == "full"
+        return self.target_zero == "yes"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def print_help(self, file: Any = None) -> None:
+        # stdout carries events only, even for --help.
+        super().print_help(file or sys.stderr)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="sendense-backup-client",
+        description="Back up one VM's disks from a vSphere snapshot into NBD targets "
+        "(JSON-line events on stdout, logs on stderr).",
+        allow_abbrev=False,
+    )
+    p.add_argument("command", choices=["migrate"], help="the only command: run one backup")
+    # The Go client's flags.
+    p.add_argument("--vmware-endpoint", required=True, help="vCenter: host, host:port or URL")
+    p.add_argument("--vmware-username", required=True)
+    p.add_argument(
+        "--vmware-password",
+        help=f"ignored when {PASSWORD_ENV} is set (argv is visible to every user)",
+    )
+    p.add_argument("--vmware-path", required=True, help="the VM's inventory path, /DC/vm/name")
+    p.add_argument("--nbd-targets", default="", help="{disk_key}:nbd://host:port/export,...")
+    p.add_argument("--job-id", default="", help=f"the job (default: ${JOB_ID_ENV})")
+    p.add_argument("--nbd-host", default="127.0.0.1", help="single-disk mode only")
+    p.add_argument("--nbd-port", type=int, default=10808, help="single-disk mode only")
+    p.add_argument("--nbd-export-name", default="migration", help="single-disk mode only")
+    p.add_argument(
+        "--quiesce-snapshot",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool,
+        help="quiesce the snapshot (needs VMware Tools; default off)",
+    )
+    p.add_argument("--debug", action="store_true", help="debug logs on stderr")
+    p.add_argument(
+        "--compression-method",
+        choices=["none", "zlib", "fastlz", "skipz", "NONE", "ZLIB", "FASTLZ", "SKIPZ"],
+        help="with --reader vddk: nbdkit-vddk's compression=",
+    )
+    for ignored in (
+        "--availability-zone",
+        "--volume-type",
+        "--os-type",
+        "--disk-bus-type",
+        "--flavor",
+        "--network-mapping",
+        "--security-groups",
+    ):
+        p.add_argument(ignored, help=argparse.SUPPRESS)
+    for ignored_flag in ("--vz-unsafe-volume-by-name", "--enable-qemu-guest-agent", "--run-v2v"):
+        p.add_argument(ignored_flag, nargs="?", const="true", help=argparse.SUPPRESS)
+    # sna's own.
+    p.add_argument("--backup-type", choices=["full", "incremental"])
+    p.add_argument("--previous-change-id", help="the base of an incremental, for every disk")
+    p.add_argument(
+        "--previous-change-ids",
+        help='JSON object by disk key, e.g. {"2000": "52 .../7"}; wins over --previous-change-id',
+    )
+    p.add_argument(
+        "--reader",
+        choices=["folder", "nbd", "vddk"],
+        default="folder",
+        help="folder: datastore HTTP; nbd: --reader-nbd-url sources; "
+        "vddk: start nbdkit vddk per disk (needs --vddk-libdir)",
+    )
+    p.add_argument("--vddk-libdir", help="the VDDK library directory, for --reader vddk")
+    p.add_argument("--nbdkit", default="nbdkit", help="the nbdkit program, for --reader vddk")
+    p.add_argument(
+        "--vddk-transports",
+        default="file:nbdssl:nbd",
+        help="nbdkit-vddk's transports= (SAN left out on purpose)",
+    )
+    p.add_argument(
+        "--reader-nbd-url",
+        action="append",
+        default=[],
+        metavar="KEY=URL",
+        help="with --reader nbd: the source of disk KEY, nbd+unix:///export?socket=PATH "
+        "or nbd://host:port/export (repeat per disk)",
+    )
+    p.add_argument("--vcenter-thumbprint", help="pin vCenter's certificate (SHA-1 or SHA-256)")
+    p.add_argument("--vcenter-ca-file", help="trust these CA certificates (PEM) for vCenter")
+    p.add_argument("--insecure", action="store_true", help="do not verify vCenter's certificate")
+    p.add_argument(
+        "--target-zero",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="may a full skip what CBT reports unused (targets read as zero)? "
+        "auto: yes for --backup-type full",
+    )
+    p.add_argument("--chunk-size", type=_positive(int), default=4 * MiB)
+    p.add_argument("--reads-in-flight", type=_positive(int), default=4)
+    p.add_argument("--connect-timeout", type=_positive(float), default=30.0)
+    p.add_argument("--io-timeout", type=_positive(float), default=120.0)
+    p.add_argument("--stall-timeout", type=_positive(float), default=600.0)
+    return p
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or ``https://host[:port]/sdk``."""
+    value = text.strip()
+    if "://" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme != "https" or parts.path not in ("", "/", "/sdk", "/sdk/"):
+            raise UsageError(f"--vmware-endpoint {text!r}: use host[:port] or https://host/sdk")
+    else:
+        parts = urllib.parse.urlsplit("//" + value)
+        if parts.path or parts.query or parts.fragment:
+            raise UsageError(f"--vmware-endpoint {text!r}: use host[:port]")
+    try:
+        port = parts.port or DEFAULT_VCENTER_PORT
+    except ValueError:
+        raise UsageError(f"--vmware-endpoint {text!r}: invalid port") from None
+    host = parts.hostname or ""
+    if not host or parts.username or any(c.isspace() for c in host):
+        raise UsageError(f"--vmware-endpoint {text!r}: no valid host")
+    return host, port
+
+
+def _disk_key(text: str, where: str) -> str:
+    key = text.strip()
+    if not key.isascii() or not key.isdigit() or len(key) > 9:
+        raise UsageError(f"{where}: disk key {key!r} is not a VMware device key like 2000")
+    return str(int(key))
+
+
+def parse_nbd_url(url: str, where: str) -> NbdAddress:
+    """``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH``; export percent-decoded."""
+    parts = urllib.parse.urlsplit(url.strip())
+    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if parts.scheme == "nbd":
+        if parts.query or parts.fragment or parts.username:
+            raise UsageError(f"{where}: {url!r} has a user, query or fragment")
+        try:
+            port = parts.port or DEFAULT_NBD_PORT
+        except ValueError:
+            raise UsageError(f"{where}: {url!r} has an invalid port") from None
+        return NbdAddress(export=export, host=parts.hostname or "127.0.0.1", port=port)
+    if parts.scheme == "nbd+unix":
+        query = urllib.parse.parse_qs(parts.query)
+        sockets = query.get("socket", [])
+        if len(sockets) != 1 or not sockets[0] or parts.netloc:
+            raise UsageError(f"{where}: {url!r} must be nbd+unix:///export?socket=/path")
+        return NbdAddress(export=export, socket=sockets[0])
+    raise UsageError(f"{where}: {url!r} is not an nbd:// or nbd+unix:// URL")
+
+
+def parse_targets(text: str) -> tuple[Target, ...]:
+    """``--nbd-targets``: ``{key}:nbd://host:port/export`` entries, comma-separated."""
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(text.split(","), 1):
+        entry = entry.strip()
+        where = f"--nbd-targets entry {number}"
+        if not entry:
+            raise UsageError(f"{where} is empty; the format is {{disk_key}}:nbd://host:port/export")
+        key, sep, url = entry.partition(":")
+        if not sep or not url.startswith("nbd://"):
+            raise UsageError(
+                f"{where} ({entry!r}) must look like {{disk_key}}:nbd://host:port/export"
+            )
+        disk_key = _disk_key(key, where)
+        if disk_key in seen:
+            raise UsageError(f"{where}: disk key {disk_key} is mapped twice")
+        seen.add(disk_key)
+        targets.append(Target(disk_key, parse_nbd_url(url, where)))
+    return tuple(targets)
+
+
+def _previous_ids(text: Optional[str]) -> dict[str, str]:
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--previous-change-ids is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--previous-change-ids must be a JSON object by disk key")
+    result: dict[str, str] = {}
+    for key, change_id in value.items():
+        disk_key = _disk_key(str(key), "--previous-change-ids")
+        if change_id is None:
+            continue
+        if not isinstance(change_id, str):
+            raise UsageError(f"--previous-change-ids: the value for {disk_key} is not a string")
+        result[disk_key] = change_id
+    return result
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
+    args = build_parser().parse_args(list(argv))
+    host, port = parse_endpoint(args.vmware_endpoint)
+    password = environ.get(PASSWORD_ENV) or args.vmware_password
+    if not password:
+        raise UsageError(f"no vCenter password: set {PASSWORD_ENV}")
+    job_id = (args.job_id or environ.get(JOB_ID_ENV, "")).strip()
+    if not job_id:
+        raise UsageError(f"no job id: pass --job-id or set {JOB_ID_ENV}")
+    if len(job_id) > 72 or any(not c.isprintable() for c in job_id):
+        # vSphere limits snapshot names to 80 characters; "sbak-" takes 5.
+        raise UsageError("--job-id is too long (at most 72 characters) or not printable")
+    if args.nbd_targets.strip():
+        targets = parse_targets(args.nbd_targets)
+    else:
+        # The Go client's single-disk mode: the one disk of the VM (checked later).
+        targets = (
+            Target(
+                "",
+                NbdAddress(export=args.nbd_export_name, host=args.nbd_host, port=args.nbd_port),
+            ),
+        )
+    reader_nbd: dict[str, NbdAddress] = {}
+    for item in args.reader_nbd_url:
+        key, sep, url = item.partition("=")
+        if not sep:
+            raise UsageError(f"--reader-nbd-url {item!r} must be KEY=URL")
+        disk_key = _disk_key(key, "--reader-nbd-url")
+        reader_nbd[disk_key] = parse_nbd_url(url, f"--reader-nbd-url {disk_key}")
+    if args.reader_nbd_url and args.reader != "nbd":
+        raise UsageError("--reader-nbd-url needs --reader nbd")
+    if args.reader == "nbd" and not reader_nbd:
+        raise UsageError("--reader nbd needs a --reader-nbd-url KEY=URL per disk")
+    if args.reader == "vddk" and not args.vddk_libdir:
+        raise UsageError("--reader vddk needs --vddk-libdir (the VDDK library directory)")
+    modes = [bool(args.vcenter_thumbprint), bool(args.vcenter_ca_file), bool(args.insecure)]
+    if sum(modes) > 1:
+        raise UsageError("use one of --vcenter-thumbprint, --vcenter-ca-file and --insecure")
+    thumbprint = None
+    if args.vcenter_thumbprint:
+        try:
+            thumbprint = normalise_thumbprint(args.vcenter_thumbprint)
+        except ValueError as e:
+            raise UsageError(f"--vcenter-thumbprint: {e}") from None
+    previous = (args.previous_change_id or "").strip() or None
+    return JobOptions(
+        host=host,
+        port=port,
+        user=args.vmware_username,
+        password=password,
+        vm_path=args.vmware_path,
+        job_id=job_id,
+        targets=targets,
+        backup_type=args.backup_type,
+        previous_change_id=previous,
+        previous_change_ids=_previous_ids(args.previous_change_ids),
+        reader=args.reader,
+        reader_nbd=reader_nbd,
+        vddk_libdir=args.vddk_libdir,
+        nbdkit=args.nbdkit,
+        vddk_transports=args.vddk_transports,
+        compression=args.compression_method,
+        tls=TlsSettings(
+            thumbprint=thumbprint, ca_file=args.vcenter_ca_file, insecure=args.insecure
+        ),
+        quiesce=bool(args.quiesce_snapshot),
+        target_zero=args.target_zero,
+        chunk_size=int(args.chunk_size),
+        reads_in_flight=int(args.reads_in_flight),
+        connect_timeout=float(args.connect_timeout),
+        io_timeout=float(args.io_timeout),
+        stall_timeout=float(args.stall_timeout),
+        debug=bool(args.debug),
+        password_from_argv=not environ.get(PASSWORD_ENV),
+    )

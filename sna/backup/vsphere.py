@@ -1,0 +1,234 @@
+"""The client's vCenter session: blocking pyVmomi calls, one thread at a time.
+
+:class:`Session` wraps one logged-in ServiceInstance and offers what a backup
+needs: the VM by inventory path, CBT state and enabling it, the job's
+snapshot (create, find by exact name, remove), the snapshot's disks with their
+backing file and change ID, one ``QueryChangedDiskAreas`` window, and the
+session cookie that authenticates datastore ``/folder`` downloads.
+
+Every method blocks; :mod:`sna.backup.job` runs them on a one-thread pool,
+so calls never overlap.  Faults become :class:`VSphereError` with a message
+that names the object and vSphere's own text.  This module keeps no global
+state, logs no secret, and knows nothing of NBD, events or Twisted.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from typing import Any, Optional
+
+import attrs
+from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim, vmodl
+from twisted.logger import Logger
+
+from sna.backup.extents import Area, ChangeWindow
+
+log = Logger()
+
+_DATASTORE_PATH = re.compile(r"^\[(?P<datastore>[^\]]+)\]\s*(?P<path>.+)$")
+
+
+class VSphereError(Exception):
+    """A vCenter call failed; the message is for operators."""
+
+
+class NotFound(VSphereError):
+    pass
+
+
+def describe_fault(error: BaseException) -> str:
+    """vSphere's words for a fault: its type and message, never a stack dump."""
+    if isinstance(error, vim.fault.InvalidLogin):
+        return "vCenter rejected the user name or password (InvalidLogin)"
+    if isinstance(error, vmodl.MethodFault):
+        name = type(error).__name__
+        message = getattr(error, "msg", "") or ""
+        prop = getattr(error, "invalidProperty", None)
+        detail = f" (invalid property {prop})" if prop else ""
+        return f"{name}: {message}{detail}".rstrip(": ")
+    return f"{type(error).__name__}: {error}"
+
+
+@attrs.frozen
+class SnapshotDisk:
+    """A virtual disk as the snapshot sees it."""
+
+    key: str
+    label: str
+    capacity: int
+    #: ``[datastore] dir/name.vmdk``: the descriptor of the disk at the snapshot point.
+    file_name: str
+    datastore: str
+    #: The descriptor's path inside the datastore.
+    path: str
+    change_id: Optional[str]
+    backing_type: str
+    #: True when the backing has a parent (a delta of an earlier snapshot).
+    has_parent: bool
+
+
+def _disk_from_device(device: Any) -> SnapshotDisk:
+    backing = device.backing
+    capacity = device.capacityInBytes or (device.capacityInKB or 0) * 1024
+    file_name = getattr(backing, "fileName", "") or ""
+    match = _DATASTORE_PATH.match(file_name)
+    datastore, path = (match["datastore"], match["path"]) if match else ("", file_name)
+    label = device.deviceInfo.label if device.deviceInfo is not None else f"disk {device.key}"
+    return SnapshotDisk(
+        key=str(device.key),
+        label=label,
+        capacity=int(capacity),
+        file_name=file_name,
+        datastore=datastore,
+        path=path,
+        change_id=getattr(backing, "changeId", None) or None,
+        backing_type=type(backing).__name__.rsplit(".", 1)[-1],
+        has_parent=getattr(backing, "parent", None) is not None,
+    )
+
+
+def _walk_snapshots(trees: Any) -> list[Any]:
+    found: list[Any] = []
+    for tree in trees or []:
+        found.append(tree)
+        found.extend(_walk_snapshots(tree.childSnapshotList))
+    return found
+
+
+def moref(managed_object: Any) -> str:
+    """``vm-123``, ``snapshot-456``: the id nbdkit-vddk's ``vm=moref=`` and ``snapshot=`` want."""
+    return str(managed_object._moId)
+
+
+class Session:
+    """One logged-in vCenter session."""
+
+    def __init__(self, service_instance: Any, where: str) -> None:
+        self._si = service_instance
+        self.where = where
+
+    @classmethod
+    def login(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        context: ssl.SSLContext,
+        timeout: float,
+    ) -> Session:
+        where = f"vCenter {host}:{port}"
+        try:
+            si = SmartConnect(  # type: ignore[no-untyped-call]
+                host=host,
+                port=port,
+                user=user,
+                pwd=password,
+                sslContext=context,
+                httpConnectionTimeout=timeout,
+            )
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"cannot log in to {where}: {describe_fault(e)}") from None
+        except ssl.SSLError as e:
+            raise VSphereError(f"TLS with {where} failed: {e}") from None
+        except OSError as e:
+            raise VSphereError(f"cannot reach {where}: {e}") from None
+        return cls(si, where)
+
+    @property
+    def about(self) -> str:
+        return str(self._si.content.about.fullName)
+
+    def session_cookie(self) -> str:
+        """``vmware_soap_session=...``: what authenticates ``/folder`` requests."""
+        cookie = str(getattr(self._si._stub, "cookie", "") or "")
+        value = cookie.split(";", 1)[0].strip()
+        if not value:
+            raise VSphereError(f"{self.where} gave no session cookie")
+        return value
+
+    def logout(self) -> None:
+        try:
+            Disconnect(self._si)  # type: ignore[no-untyped-call]
+        except Exception as e:  # logging out is a courtesy; the session times out anyway
+            log.warn("logging out of {where} failed: {error}", where=self.where, error=str(e))
+
+    # -- the VM -------------------------------------------------------------------
+
+    def find_vm(self, path: str) -> Any:
+        try:
+            vm = self._si.content.searchIndex.FindByInventoryPath(path)
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"looking up VM {path!r} failed: {describe_fault(e)}") from None
+        if vm is None or not isinstance(vm, vim.VirtualMachine):
+            raise NotFound(f"no VM at inventory path {path!r} on {self.where}")
+        return vm
+
+    def datacenter_path(self, vm: Any) -> str:
+        """The VM's datacenter as ``dcPath`` wants it (folders above it included)."""
+        entity = vm.parent
+        while entity is not None and not isinstance(entity, vim.Datacenter):
+            entity = entity.parent
+        if entity is None:
+            raise VSphereError(f"VM {vm.name!r} is in no datacenter")
+        names = []
+        root = self._si.content.rootFolder
+        while entity is not None and entity != root:
+            names.append(entity.name)
+            entity = entity.parent
+        return "/".join(reversed(names))
+
+    def cbt_enabled(self, vm: Any) -> bool:
+        return bool(vm.config.changeTrackingEnabled)
+
+    def snapshot_names(self, vm: Any) -> list[str]:
+        info = vm.snapshot
+        return [tree.name for tree in _walk_snapshots(info.rootSnapshotList if info else [])]
+
+    def snapshots_named(self, vm: Any, name: str) -> list[Any]:
+        info = vm.snapshot
+        trees = _walk_snapshots(info.rootSnapshotList if info else [])
+        return [tree.snapshot for tree in trees if tree.name == name]
+
+    def enable_cbt(self, vm: Any) -> None:
+        spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)  # type: ignore[no-untyped-call]
+        self._wait(vm.ReconfigVM_Task(spec=spec), f"enabling CBT on VM {vm.name!r}")
+
+    def create_snapshot(self, vm: Any, name: str, description: str, quiesce: bool) -> Any:
+        task = vm.CreateSnapshot_Task(
+            name=name, description=description, memory=False, quiesce=quiesce
+        )
+        self._wait(task, f"creating snapshot {name!r} of VM {vm.name!r}")
+        snapshot = task.info.result
+        if snapshot is None:
+            raise VSphereError(f"creating snapshot {name!r} returned no snapshot")
+        return snapshot
+
+    def remove_snapshot(self, snapshot: Any, what: str) -> None:
+        self._wait(
+            snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
+            f"removing snapshot {what}",
+        )
+
+    def snapshot_disks(self, snapshot: Any) -> list[SnapshotDisk]:
+        devices = snapshot.config.hardware.device
+        return [_disk_from_device(d) for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+
+    def changed_window(
+        self, vm: Any, snapshot: Any, disk_key: str, start: int, change_id: str
+    ) -> ChangeWindow:
+        """One ``QueryChangedDiskAreas`` answer (faults are raised as pyVmomi's)."""
+        info = vm.QueryChangedDiskAreas(
+            snapshot=snapshot, deviceKey=int(disk_key), startOffset=start, changeId=change_id
+        )
+        areas = tuple(Area(int(a.start), int(a.length)) for a in (info.changedArea or []))
+        return ChangeWindow(int(info.startOffset), int(info.length), areas)
+
+    def _wait(self, task: Any, what: str) -> None:
+        try:
+            WaitForTask(task)  # type: ignore[no-untyped-call]
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"{what} failed: {describe_fault(e)}") from None
