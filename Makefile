@@ -36,7 +36,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: all venv deps run check test bench clean distclean vcsim testbed
+.PHONY: all venv deps run check test bench clean distclean vcsim testbed demo
 
 all: test
 
@@ -77,6 +77,11 @@ vcsim: deps
 # A testbed for a person at a terminal; Ctrl-C stops it.
 testbed: venv vcsim
 	$(BIN)/python -m tests.testbed up --spec $(TESTBED_SPEC)
+
+# A full and an incremental backup of a two-disk VM through the whole system,
+# each checked with qemu-img compare; everything is stopped at the end.
+demo: deps venv vcsim
+	$(BIN)/python -m tests.testbed.demo
 
 test: deps venv check vcsim
 	@dir="$$(mktemp -d)"; \

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError, ensureDeferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from sna.nbd.probe import NbdAddress, ProbeResult, probe_all
@@ -59,7 +60,16 @@ class NbdGateway:
     def probe(
         self, targets: Sequence[NbdAddress], timeout: float
     ) -> Deferred[list[ProbeResult[Any]]]:
-        return probe_all(self._reactor, targets, timeout)
+        def unwrap(failure: Failure) -> Failure:
+            # probe_all fails only when cancelled (the HTTP client went away):
+            # pass the CancelledError itself on, not gatherResults' FirstError.
+            failure.trap(FirstError)
+            first = failure.value
+            assert isinstance(first, FirstError)
+            sub: Failure = first.subFailure
+            return sub
+
+        return probe_all(self._reactor, targets, timeout).addErrback(unwrap)
 
     def open_relays(
         self, job_id: str, targets: Sequence[NbdAddress], on_lost: Callable[[str, str], None]

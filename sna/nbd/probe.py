@@ -200,6 +200,8 @@ def probe(
     def failed(failure: Failure) -> Failure:
         if failure.check(CancelledError):
             return failure  # the caller cancelled: not a verdict on the target
+        if failure.check(ierror.ConnectingCancelledError):
+            return Failure(CancelledError())  # cancelled while still connecting
         problem = _classify(failure, where, timeout, protocol.connected_at_all)
         log.info(
             "NBD probe {host}:{port}/{export} failed ({reason}): {message}",

@@ -185,7 +185,7 @@ class Api:
         *,
         raw: Optional[bytes] = None,
         headers: Optional[dict[str, str]] = None,
-        timeout: float = 15.0,
+        timeout: float = 30.0,
     ) -> Response:
         sent_headers = dict(headers or {})
         data = raw

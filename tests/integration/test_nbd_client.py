@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -371,3 +371,22 @@ async def test_probe_all(qemu_nbd_factory: Any, http_port: int) -> None:
     assert [r.target for r in results] == targets
     assert results[0].ok and results[0].info.size == SIZE
     assert [r.error.reason for r in results[1:]] == ["export_missing", "refused", "not_nbd"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_probe_fails_with_cancelled_error_not_first_error() -> None:
+    """backup/start's client may hang up mid-probe: the cancel must stay a cancel."""
+    from sna.nbd.gateway import NbdGateway
+    from sna.nbd.relay import RelayRegistry
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts (in the kernel) and never speaks
+    try:
+        target = NbdTarget("2000", "127.0.0.1", listener.getsockname()[1], "d0")
+        d = NbdGateway(_reactor, RelayRegistry()).probe([target], 30.0)
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d
+    finally:
+        listener.close()

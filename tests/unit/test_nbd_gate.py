@@ -106,3 +106,22 @@ def _text(d: Deferred[object]) -> str:
     results: list[object] = []
     d.addCallback(lambda response: response.text()).addBoth(results.append)  # type: ignore[attr-defined]
     return str(results[0])
+
+
+def test_a_caller_that_hangs_up_mid_probe_leaves_nothing(harness: Harness) -> None:
+    from twisted.internet.defer import CancelledError, ensureDeferred
+
+    from sna.api.validation import parse_backup_request
+
+    cancelled: list[bool] = []
+    pending: Deferred[list[ProbeResult[object]]] = Deferred(lambda d: cancelled.append(True))
+    harness.gateway.probe = lambda targets, timeout: pending  # type: ignore[method-assign]
+    request = parse_backup_request(backup_body(), harness.manager.settings)
+    d = ensureDeferred(harness.manager.start(request))
+    d.cancel()
+    failures: list[object] = []
+    d.addErrback(failures.append)
+    assert cancelled == [True]
+    assert getattr(failures[0], "type", None) is CancelledError
+    assert harness.manager._starting == {}
+    assert harness.launcher.requests == {} and harness.gateway.open == {}
