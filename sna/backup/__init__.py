@@ -17,6 +17,8 @@ Modules, from the bottom up:
 - `vsphere`: the blocking pyVmomi session (VM, CBT, snapshot, disks, CBT areas).
 - `readers`: where disk bytes come from (`IDiskReader`): the datastore
   ``/folder`` HTTP reader and an NBD reader (nbdkit, the VDDK path).
+- `nbdkit`: the ``nbdkit vddk`` servers the client starts per disk once the
+  snapshot exists (``--reader vddk``).
 - `copier`: one disk from a reader into an NBD target, then FLUSH.
 - `job`: the whole run, its cleanup and its events.
 - `cli`: ``main``, the reactor, signals and logging.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Union
 
@@ -167,23 +168,24 @@ def plan(
     chunk: int,
     zero_gaps: bool,
     zero_chunk: int = 1 << 30,
-) -> list[Op]:
-    """The operations for one disk, in offset order.
+) -> Iterator[Op]:
+    """The operations for one disk, in offset order, made as they are consumed.
 
     ``areas`` (normalised) are copied in requests of at most ``chunk`` bytes.
     With ``zero_gaps`` everything else of ``[0, capacity)`` is zeroed (pieces
     of at most ``zero_chunk``, so a huge gap does not become one giant batch);
-    without, it is left alone.
+    without, it is left alone.  Lazy: a 2 TiB disk in 4 MiB requests would be
+    half a million objects.
     """
-    ops = [Op(OpKind.COPY, piece.start, piece.length) for a in areas for piece in split(a, chunk)]
-    if zero_gaps:
-        ops += [
-            Op(OpKind.ZERO, piece.start, piece.length)
-            for gap in gaps(areas, capacity)
-            for piece in split(gap, zero_chunk)
-        ]
-        ops.sort(key=lambda op: op.offset)
-    return ops
+    copies = (Op(OpKind.COPY, p.start, p.length) for a in areas for p in split(a, chunk))
+    if not zero_gaps:
+        return copies
+    zeroes = (
+        Op(OpKind.ZERO, p.start, p.length)
+        for gap in gaps(areas, capacity)
+        for p in split(gap, zero_chunk)
+    )
+    return heapq.merge(copies, zeroes, key=lambda op: op.offset)
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sna.backup import tls
@@ -61,6 +62,8 @@ T = TypeVar("T")
 
 #: How often progress is reported per disk (the contract asks for at least once a second).
 PROGRESS_INTERVAL = 1.0
+#: How often the vCenter session is used while disks copy (idle sessions expire).
+KEEPALIVE_INTERVAL = 300.0
 #: How long a polite NBD disconnect may take before the connection is dropped.
 CLOSE_TIMEOUT = 10.0
 
@@ -124,8 +127,9 @@ def decide(
     if not base.same_instance(current):
         return Decision(
             "full",
-            f"CBT was reset: the previous change ID belongs to tracking instance "
-            f"{base.uuid_text!r}, the disk's is now {current.uuid_text!r}",
+            f"the previous change ID is of another CBT tracking instance "
+            f"({base.uuid_text!r}; the disk's is {current.uuid_text!r}): "
+            "CBT was reset, or the ID is another disk's",
         )
     if base.sequence > current.sequence:
         return Decision(
@@ -193,6 +197,8 @@ class BackupJob:
         self._finishing = False
         self._progress = LoopingCall(self._tick)
         self._progress.clock = reactor
+        self._keepalive = LoopingCall(self._keep_session)
+        self._keepalive.clock = reactor
         self._last_tick: tuple[float, int] = (0.0, 0)
         self._last_change = 0.0
         self._summary = {"bytes_read": 0, "bytes_written": 0, "bytes_zero": 0}
@@ -223,14 +229,16 @@ class BackupJob:
     async def run(self) -> int:
         self._pool.start()
         self._progress.start(PROGRESS_INTERVAL, now=False)
+        self._keepalive.start(KEEPALIVE_INTERVAL, now=False)
         status = 0
         try:
             await self._backup()
         except Exception as e:
             status = self._report_failure(e)
         finally:
-            if self._progress.running:
-                self._progress.stop()
+            for loop in (self._progress, self._keepalive):
+                if loop.running:
+                    loop.stop()
         self._finishing = True
         cleaned = await self._cleanup(success=status == 0)
         if status == 0 and self._cancel_reason is not None:
@@ -276,16 +284,7 @@ class BackupJob:
             user=options.user,
             tls=options.tls.describe(),
         )
-        session = await self._call(
-            Session.login,
-            options.host,
-            options.port,
-            options.user,
-            options.password,
-            tls.ssl_context(options.tls),
-            options.io_timeout,
-        )
-        self._session = session
+        session = self._session = await self._login()
         log.info("logged in to {where} ({about})", where=session.where, about=session.about)
         self._check()
         vm = self._vm = await self._call(session.find_vm, options.vm_path)
@@ -608,6 +607,18 @@ class BackupJob:
                 f"target {run.target.address.describe()})"
             )
 
+    def _keep_session(self) -> None:
+        # A copy can outlast vCenter's idle-session timeout; without a SOAP call
+        # now and then the snapshot could not be removed at the end.
+        session = self._session
+        if session is None or self._calls_in_flight:
+            return
+
+        def failed(failure: Failure) -> None:
+            log.warn("vCenter keepalive failed: {error}", error=failure.getErrorMessage())
+
+        Deferred.fromCoroutine(self._call(session.keepalive)).addErrback(failed)
+
     # -- failure and cleanup ---------------------------------------------------------------
 
     def _report_failure(self, error: Exception) -> int:
@@ -656,18 +667,36 @@ class BackupJob:
         session = self._session
         if self._snapshot_requested and session is not None:
             ok = await self._remove_snapshot(session, name)
-        if session is not None:
-            await self._call(session.logout)
+        if self._session is not None:
+            await self._call(self._session.logout)
         return ok
 
+    async def _login(self) -> Session:
+        options = self._options
+        return await self._call(
+            Session.login,
+            options.host,
+            options.port,
+            options.user,
+            options.password,
+            tls.ssl_context(options.tls),
+            options.io_timeout,
+        )
+
     async def _remove_snapshot(self, session: Session, name: str) -> bool:
+        error: Optional[Exception] = None
         for attempt in (1, 2):
             try:
-                snapshots = (
-                    [self._snapshot]
-                    if self._snapshot is not None
-                    else await self._call(session.snapshots_named, self._vm, name)
-                )
+                if attempt == 2:
+                    # The session may have expired (a long copy, vCenter restarted):
+                    # a new one finds the snapshot again by its name.
+                    session = self._session = await self._login()
+                    vm = await self._call(session.find_vm, self._options.vm_path)
+                    snapshots = await self._call(session.snapshots_named, vm, name)
+                elif self._snapshot is not None:
+                    snapshots = [self._snapshot]
+                else:
+                    snapshots = await self._call(session.snapshots_named, self._vm, name)
                 for snapshot in snapshots:
                     await self._call(session.remove_snapshot, snapshot, name)
                 self._snapshot = None

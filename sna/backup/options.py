@@ -46,7 +46,7 @@ class NbdAddress:
 
     def describe(self) -> str:
         where = f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
-        return f"{where}/{self.export}"
+        return f"{where}/{self.export}" if self.export else where
 
 
 @attrs.frozen
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="debug logs on stderr")
     p.add_argument(
         "--compression-method",
-        choices=["none", "zlib", "fastlz", "skipz", "NONE", "ZLIB", "FASTLZ", "SKIPZ"],
+        type=str.lower,
+        choices=["none", "zlib", "fastlz", "skipz"],
         help="with --reader vddk: nbdkit-vddk's compression=",
     )
     for ignored in (
@@ -363,15 +364,17 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
         raise UsageError("--reader nbd needs a --reader-nbd-url KEY=URL per disk")
     if args.reader == "vddk" and not args.vddk_libdir:
         raise UsageError("--reader vddk needs --vddk-libdir (the VDDK library directory)")
-    modes = [bool(args.vcenter_thumbprint), bool(args.vcenter_ca_file), bool(args.insecure)]
-    if sum(modes) > 1:
-        raise UsageError("use one of --vcenter-thumbprint, --vcenter-ca-file and --insecure")
+    # Several may come together (the daemon adds its own --insecure or CA file to a
+    # request's pin): the most specific wins, thumbprint, then --insecure, then CAs.
     thumbprint = None
     if args.vcenter_thumbprint:
         try:
             thumbprint = normalise_thumbprint(args.vcenter_thumbprint)
         except ValueError as e:
             raise UsageError(f"--vcenter-thumbprint: {e}") from None
+    if int(args.chunk_size) % 4096:
+        # Cuts fall at multiples of it: keep every request aligned to any target's blocks.
+        raise UsageError("--chunk-size must be a multiple of 4096")
     previous = (args.previous_change_id or "").strip() or None
     return JobOptions(
         host=host,

@@ -303,7 +303,14 @@ class FolderReader:
         self.flat_path = flat
         self._offset = offset
         probe = min(PROBE_LENGTH, disk.capacity)
-        _, file_size = await self._with_retries(flat, offset, probe, exact=True)
+        try:
+            _, file_size = await self._with_retries(flat, offset, probe, exact=True)
+        except ReaderError as e:
+            # ESXi refuses ranged reads of a running VM's disk on VMFS6 and vSAN (HTTP 500).
+            raise ReaderError(
+                f"disk {disk.key}: the probe read of {flat} failed ({e}); the /folder reader "
+                "cannot read this disk here, use --reader vddk"
+            ) from None
         if 0 <= file_size < offset + disk.capacity:
             raise ReaderError(
                 f"disk {disk.key}: {flat} has {file_size} bytes, less than the capacity {disk.capacity}"
@@ -432,10 +439,8 @@ class NbdReader:
         assert self._client is not None, "read before open"
 
         def failed(failure: Failure) -> Failure:
-            error = failure.value
-            return Failure(
-                ReaderError(f"disk {self._disk.key}: reading {self.description} failed: {error}")
-            )
+            # The copier says which disk, offset and source; this says what NBD said.
+            return Failure(ReaderError(str(failure.value)))
 
         return self._client.read(offset, length).addErrback(failed)
 

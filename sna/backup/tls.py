@@ -1,13 +1,16 @@
 """How the client trusts vCenter: one setting, applied to pyVmomi and to Twisted's HTTP client.
 
-Three ways, one of them per run:
+Four ways, one of them per run:
 
 - a pinned certificate (``--vcenter-thumbprint``, SHA-1 as vSphere shows it,
   or SHA-256): every TLS connection, SOAP or datastore HTTP, must present
   exactly that certificate; chain and name are not checked;
+- only when asked (``--insecure``), nothing checked;
 - a CA bundle (``--vcenter-ca-file``): chain and host name checked against it;
-- the system's CAs (the default), chain and host name checked;
-- or, only when asked (``--insecure``), nothing checked.
+- the system's CAs (the default, ``SSL_CERT_FILE`` honoured), chain and host
+  name checked.
+
+The first that is given wins, in that order.
 
 Always an explicit context: pyVmomi makes an unverified one by itself for
 127.0.0.1/localhost when given none.  This module builds contexts and
@@ -57,15 +60,17 @@ def matches(thumbprint: str, der: bytes) -> bool:
 
 @attrs.frozen
 class TlsSettings:
+    """What to trust; when several are set, the thumbprint wins, then ``insecure``."""
+
     thumbprint: Optional[str] = None
     ca_file: Optional[str] = None
     insecure: bool = False
 
     def describe(self) -> str:
-        if self.insecure:
-            return "certificate NOT verified (--insecure)"
         if self.thumbprint:
             return f"certificate pinned to {self.thumbprint}"
+        if self.insecure:
+            return "certificate NOT verified (--insecure)"
         if self.ca_file:
             return f"certificate verified against {self.ca_file}"
         return "certificate verified against the system CAs"
@@ -73,6 +78,10 @@ class TlsSettings:
 
 class CertificateMismatch(ssl.SSLCertVerificationError):
     """The server's certificate is not the pinned one."""
+
+    def __str__(self) -> str:
+        # SSLError's own str() shows the args tuple.
+        return str(self.args[0]) if self.args else "certificate mismatch"
 
 
 def _pinned_socket_class(thumbprint: str) -> type[ssl.SSLSocket]:

@@ -150,6 +150,10 @@ class Session:
             raise VSphereError(f"{self.where} gave no session cookie")
         return value
 
+    def keepalive(self) -> None:
+        """The cheapest call there is, to keep the session from expiring."""
+        self._si.CurrentTime()
+
     def logout(self) -> None:
         try:
             Disconnect(self._si)  # type: ignore[no-untyped-call]
