@@ -147,3 +147,26 @@ def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(
         started(manager, REQUEST)
     gone.callback(True)
     assert started(manager, REQUEST).status is JobStatus.RUNNING
+
+
+def test_every_ended_job_is_announced_once(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    store.save(attrs.evolve(make_job(), job_id="left-running"))
+    clock = Clock()
+    launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
+    ended: list[tuple[str, JobStatus]] = []
+    manager = JobManager(
+        store,
+        launcher,
+        clock,
+        Settings(),
+        SteppingClock(),
+        gateway=FakeGateway(),
+        on_job_ended=lambda job: ended.append((job.job_id, job.status)),
+    )
+    manager.recover()
+    assert ended == [("left-running", JobStatus.INTERRUPTED)]
+    started(manager, REQUEST)
+    launcher.transports[REQUEST.job_id].exit(2)
+    assert ended[-1] == (REQUEST.job_id, JobStatus.FAILED)
+    assert len(ended) == 2
