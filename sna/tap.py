@@ -8,7 +8,9 @@ and only as a default.
 from __future__ import annotations
 
 import re
+import ssl
 import time
+import urllib.parse
 from typing import Any, Optional, cast
 
 import attrs
@@ -168,6 +170,18 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--auth-token-file: {e}") from None
         else:
             self["auth-token"] = None
+        if self["sha-url"] is not None:
+            url = urllib.parse.urlsplit(self["sha-url"])
+            if url.scheme not in ("http", "https") or not url.hostname or url.query:
+                raise usage.UsageError(
+                    f"--sha-url must be an http(s) URL like http://localhost:8082, "
+                    f"not {self['sha-url']!r}"
+                )
+        if self["vcenter-ca-file"] is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=self["vcenter-ca-file"])
+            except (OSError, ssl.SSLError) as e:
+                raise usage.UsageError(f"--vcenter-ca-file: {e}") from None
         try:
             self["sbc"] = ClientCommand.parse(self["sbc"], legacy=bool(self["sbc-legacy"]))
         except ValueError as e:

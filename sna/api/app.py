@@ -68,6 +68,9 @@ def _format_uptime(seconds: float) -> str:
 
 class SnaAPI:
     app = Klein()
+    # "//" in a path is a 404, not a redirect to the merged path (werkzeug's
+    # default answers 308 without the Location our JSON errors would need).
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -308,12 +311,6 @@ class SnaAPI:
             except UnknownJob:
                 job = None
             if job is not None:
-                if job.status.active:
-                    raise ApiError(
-                        409,
-                        "job_already_running",
-                        f"job {job.job_id} is running and uses its snapshot; cancel it first",
-                    )
                 vm_path = vm_path or job.vm_path
         if vm_path is None:
             raise ApiError(
@@ -322,9 +319,20 @@ class SnaAPI:
                 "vm_path is required (the job is not known here)",
                 field="vm_path",
             )
+        # A running backup needs its snapshot: whatever the action, leave that VM alone.
+        for running in self._manager.active_jobs():
+            if running.vm_path == vm_path:
+                raise ApiError(
+                    409,
+                    "vm_busy",
+                    f"job {running.job_id} is backing up {vm_path} and uses its snapshot; "
+                    "cancel it first",
+                )
         job_id = cleanup.job_id if cleanup.action == "delete_snapshot" else None
         result = await self._vsphere.remove_job_snapshots(cleanup.credentials, vm_path, job_id)
-        return json_response(request, {"action": cleanup.action, **result})
+        return json_response(
+            request, {"action": cleanup.action, **result, "job_id": cleanup.job_id}
+        )
 
     @app.route("/api/v1/relays", methods=["GET"])
     def relays(self, request: IRequest) -> bytes:

@@ -148,7 +148,9 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
     if backup_type not in ("full", "incremental"):
         raise invalid("backup_type", "backup_type must be 'full' or 'incremental'")
     previous = _string(body, "previous_change_id", False)
-    per_disk_given = body.get("previous_change_ids") not in (None, {})
+    targets = parse_targets(values["nbd_targets"] or "", settings)
+    per_disk = _previous_change_ids(body.get("previous_change_ids"), targets)
+    per_disk_given = any(v is not None for v in (body.get("previous_change_ids") or {}).values())
     if backup_type == "incremental" and not (previous or "").strip() and not per_disk_given:
         raise invalid(
             "previous_change_id", "previous_change_id is required for incremental backups"
@@ -158,9 +160,9 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
         # unknown point, which the client turns into a full per disk (and says so).
         previous = None
     if previous is not None and len(previous) > MAX_CHANGE_ID:
-        raise invalid("previous_change_id", f"previous_change_id is longer than {MAX_CHANGE_ID}")
-    targets = parse_targets(values["nbd_targets"] or "", settings)
-    per_disk = _previous_change_ids(body.get("previous_change_ids"), targets)
+        raise invalid(
+            "previous_change_id", f"previous_change_id is longer than {MAX_CHANGE_ID} characters"
+        )
     thumbprint = _optional(body, "vcenter_thumbprint")
     if thumbprint is not None:
         try:
@@ -194,6 +196,7 @@ def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tu
     if not isinstance(value, dict):
         raise invalid(field, f"{field} must be an object of change IDs by disk key")
     keys = {t.disk_key for t in targets}
+    seen: set[str] = set()
     pairs = []
     for raw_key, change_id in value.items():
         key = raw_key.strip()
@@ -201,12 +204,15 @@ def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tu
             key = str(int(key))
         if key not in keys:
             raise invalid(field, f"{field} names disk {raw_key!r}, which is not in nbd_targets")
+        if key in seen:
+            raise invalid(field, f"{field} names disk {key} twice")
+        seen.add(key)
         if change_id is None:
             continue
         if not isinstance(change_id, str) or "\0" in change_id:
             raise invalid(field, f"{field}[{key}] must be a string")
         if len(change_id) > MAX_CHANGE_ID:
-            raise invalid(field, f"{field}[{key}] is longer than {MAX_CHANGE_ID}")
+            raise invalid(field, f"{field}[{key}] is longer than {MAX_CHANGE_ID} characters")
         if change_id.strip() in ("", PLACEHOLDER):
             continue
         pairs.append((key, change_id))
@@ -332,12 +338,12 @@ def _flag(body: Mapping[str, Any], field: str) -> bool:
 
 def parse_power_request(body: Mapping[str, Any], default_timeout: float) -> PowerRequest:
     timeout = body.get("timeout")
-    if timeout is None or timeout == 0:
+    if timeout is None or (timeout == 0 and not isinstance(timeout, bool)):
         timeout = default_timeout
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, (int, float))
-        or not 0 < timeout <= 3600
+        or not 1 <= timeout <= 3600
     ):
         raise invalid("timeout", "timeout must be a number of seconds from 1 to 3600")
     return PowerRequest(

@@ -411,6 +411,12 @@ class ProcessLauncher:
 
     def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
         executable = self.command.executable()
+        if self.command.legacy and (request.previous_change_ids or request.vcenter_thumbprint):
+            self.log.warn(
+                "job {job_id}: the legacy client takes no per-disk change IDs and no "
+                "vCenter thumbprint; they are not passed on",
+                job_id=request.job_id,
+            )
         args = [executable, *self.command.arguments(request)]
         env = self.command.environment(request, self._environ)
         log_path = self.log_path(request.job_id)

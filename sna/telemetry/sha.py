@@ -98,7 +98,7 @@ class ShaNotifier:
             except Exception as e:  # any transport failure is worth a retry
                 last = f"{type(e).__name__}: {e}"
             else:
-                if response.code < 400:
+                if 200 <= response.code < 300:
                     self.log.info(
                         "job {job_id}: final state {status} pushed to the SHA",
                         job_id=job.job_id,
@@ -106,6 +106,9 @@ class ShaNotifier:
                     )
                     return
                 last = f"HTTP {response.code}"
+                if 400 <= response.code < 500 and response.code not in (408, 429):
+                    # The SHA refuses this push as such: asking again changes nothing.
+                    break
             self.log.warn(
                 "job {job_id}: pushing the final state to the SHA failed (attempt {attempt}): "
                 "{reason}",

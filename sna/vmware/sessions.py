@@ -161,7 +161,11 @@ def tls_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        # In addition to the system's CAs, as --vcenter-ca-file says.
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 # -- blocking work, on the thread pool ----------------------------------------------

@@ -468,7 +468,8 @@ def test_previous_change_ids_per_disk(harness: Harness) -> None:
         ({"2016": "x/1"}, "names disk '2016', which is not in nbd_targets"),
         ({"2000": 5}, "previous_change_ids[2000] must be a string"),
         (["x"], "previous_change_ids must be an object"),
-        ({"2000": "x" * 300}, "is longer than 256"),
+        ({"2000": "x" * 300}, "is longer than 256 characters"),
+        ({"2000": "a/1", "02000": "b/2"}, "names disk 2000 twice"),
     ],
 )
 def test_bad_previous_change_ids(harness: Harness, value: Any, message: str) -> None:
@@ -477,3 +478,9 @@ def test_bad_previous_change_ids(harness: Harness, value: Any, message: str) -> 
     assert (code, answer["field"]) == (400, "previous_change_ids")
     assert message in answer["message"]
     assert harness.launcher.requests == {}
+
+
+def test_an_incremental_needs_a_real_entry_in_previous_change_ids(harness: Harness) -> None:
+    body = backup_body(backup_type="incremental", previous_change_ids={"2000": None})
+    code, answer = harness.request("POST", "/api/v1/backup/start", body)
+    assert (code, answer["field"]) == (400, "previous_change_id")

@@ -54,6 +54,9 @@ def test_help_names_every_option() -> None:
         ["--max-jobs", "many"],
         ["--kill-grace", "7200"],
         ["--job-retention-days", "-1"],
+        ["--sha-url", "ftp://sha"],
+        ["--sha-url", "localhost:8082"],
+        ["--vcenter-ca-file", "/nonexistent/ca.pem"],
     ],
 )
 def test_bad_options(argv: list[str]) -> None:

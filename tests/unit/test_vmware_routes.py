@@ -141,11 +141,17 @@ def test_cleanup_finds_the_vm_of_a_known_job(harness: Harness) -> None:
     job = "backup-pgtest1-1760099954"
     body = {**CREDS, "action": "delete_snapshot", "job_id": job}
     code, answer = harness.request("POST", "/api/v1/cleanup", body)
-    assert (code, answer["error"]) == (409, "job_already_running")
+    assert (code, answer["error"]) == (409, "vm_busy")
+    # cleanup_all of the same VM would remove the running job's snapshot too.
+    everything = {**CREDS, "action": "cleanup_all", "vm_path": "/DC1/vm/pgtest1"}
+    assert harness.request("POST", "/api/v1/cleanup", everything)[0] == 409
     harness.launcher.transports[job].exit(1)
     harness.vsphere.answers["remove_job_snapshots"] = {"removed": [f"sbak-{job}"]}
     code, answer = harness.request("POST", "/api/v1/cleanup", body)
-    assert (code, answer) == (200, {"action": "delete_snapshot", "removed": [f"sbak-{job}"]})
+    assert (code, answer) == (
+        200,
+        {"action": "delete_snapshot", "removed": [f"sbak-{job}"], "job_id": job},
+    )
     assert harness.vsphere.calls[-1][1][1:] == ("/DC1/vm/pgtest1", job)
 
 
@@ -165,3 +171,16 @@ def test_cleanup_checks(harness: Harness) -> None:
     )
     assert code == 200
     assert harness.vsphere.calls[-1][1][1:] == ("/DC1/vm/a", None)
+
+
+def test_double_slashes_are_not_found(harness: Harness) -> None:
+    code, answer = harness.request("GET", "/api/v1//health")
+    assert (code, answer["error"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize("timeout", [0.5, True, -1, 7200, "60"])
+def test_power_timeout_bounds(harness: Harness, timeout: Any) -> None:
+    code, answer = harness.request(
+        "POST", "/api/v1/vm/4205a8b3/power-on", {**CREDS, "timeout": timeout}
+    )
+    assert (code, answer["field"]) == (400, "timeout")
