@@ -23,7 +23,7 @@ The data path is chosen per connection once the upstream is connected:
     destination takes nothing, so a slow side slows the other through TCP's
     window instead of growing the relay.  The transports get their sockets
     back to close them.  Measured on loopback against ``socat -b 1048576``:
-    the same throughput or more, for less CPU per GiB (benchmarks/README.md).
+    about the same throughput, for less CPU per GiB (benchmarks/README.md).
 
 ``splice`` (Linux; only when asked for)
     The same pumps, moving bulk bytes ``socket -> pipe -> socket`` with
@@ -101,7 +101,7 @@ DataPath = Literal["auto", "copy", "splice", "transport"]
 
 #: The copy pump's buffer, per direction and connection: the most one read
 #: takes and the most the pump holds.  Measured on loopback (256 KiB to
-#: 4 MiB): from 2 MiB on the relay matches or beats socat -b 1048576; more
+#: 4 MiB): from 2 MiB on the relay keeps up with socat -b 1048576; more
 #: mostly loosens the bound on what the relay holds.
 COPY_BUFFER = 2 << 20
 #: Capacity asked for each splice pipe.  1 MiB is the unprivileged maximum
