@@ -29,6 +29,7 @@ from sna.api.app import SnaAPI
 from sna.api.auth import BearerTokenAuthorization, read_token
 from sna.api.http import make_site
 from sna.config import ConfigError, Settings
+from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.manager import JobManager
 from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
@@ -205,6 +206,14 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     launcher = ProcessLauncher(reactor, reactor, command, log_dir, utcnow)
     relays = RelayRegistry()
     metrics = Metrics(lambda: manager.counts(), relays)
+    pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
+    sessions = SessionPool(
+        cast(IReactorFromThreads, reactor),
+        pool,
+        insecure=bool(config["vcenter-insecure"]),
+        ca_file=config["vcenter-ca-file"],
+    )
+    vsphere = VSphere(sessions)
     notifier = None
     if config["sha-url"]:
         notifier = ShaNotifier(HTTPClient(Agent(reactor)), config["sha-url"], reactor)
@@ -217,15 +226,8 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         gateway=NbdGateway(reactor, relays),
         on_probe_failure=metrics.probe_failed,
         on_job_ended=notifier.job_ended if notifier is not None else (lambda job: None),
+        on_client_killed=lambda request: SnapshotJanitor(vsphere).client_killed(request),
     )
-    pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
-    sessions = SessionPool(
-        cast(IReactorFromThreads, reactor),
-        pool,
-        insecure=bool(config["vcenter-insecure"]),
-        ca_file=config["vcenter-ca-file"],
-    )
-    vsphere = VSphere(sessions)
     api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, notifier)
     resource = api.resource()

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -119,8 +119,14 @@ class JobManager:
         gateway: ITargetGateway,
         on_probe_failure: Callable[[str], None] = lambda reason: None,
         on_job_ended: Callable[[Job], None] = lambda job: None,
+        on_client_killed: Callable[[BackupRequest], Deferred[Any]] = lambda request: succeed(None),
     ) -> None:
         self._on_job_ended = on_job_ended
+        self._on_client_killed = on_client_killed
+        #: The requests of running jobs, password included: memory only, never stored.
+        self._requests: dict[str, tuple[BackupRequest, BackupRequest]] = {}
+        #: Snapshot removals after killed clients, waited for at shutdown.
+        self._cleanups: set[Deferred[Any]] = set()
         self._store = store
         self._launcher = launcher
         self._gateway = gateway
@@ -217,8 +223,10 @@ class JobManager:
         def flushed(result: object) -> Deferred[Any]:
             for job_id in list(self._save_calls):
                 self._save_now(job_id)
-            # Every job has ended by now, so each relay is closing; wait for them.
-            return DeferredList(list(self._closing.values()), consumeErrors=True)
+            # Every job has ended by now, so each relay is closing; wait for them,
+            # and for the snapshots of clients that had to be killed.
+            waits = [*self._closing.values(), *self._cleanups]
+            return DeferredList(waits, consumeErrors=True)
 
         return d.addBoth(flushed)
 
@@ -343,6 +351,7 @@ class JobManager:
                 self._jobs[job.job_id] = previous
             raise
         self._processes[job.job_id] = process
+        self._requests[job.job_id] = (request, relayed)
         if process.running:
             self._update(self._jobs[job.job_id].spawned(process.pid, self._now()))
         self._save_now(job.job_id)
@@ -401,7 +410,23 @@ class JobManager:
 
     # -- from the client ------------------------------------------------
 
+    def _hub_addresses(self, job_id: str, text: str) -> str:
+        """``text`` with the relays' loopback addresses put back as the hub's.
+
+        The client only knows the relays; an operator reading the job's error
+        wants the port the SHA gave.
+        """
+        requests = self._requests.get(job_id)
+        if requests is None:
+            return text
+        original, relayed = requests
+        for hub, relay in zip(original.targets, relayed.targets, strict=True):
+            text = text.replace(f"{relay.host}:{relay.port}", f"{hub.host}:{hub.port}")
+        return text
+
     def _event(self, job_id: str, event: events.Event) -> None:
+        if isinstance(event, events.Error):
+            event = attrs.evolve(event, message=self._hub_addresses(job_id, event.message))
         job = self._jobs[job_id]
         new = job.apply(event, self._now())
         if isinstance(event, events.DiskDone):
@@ -422,10 +447,21 @@ class JobManager:
         last_output: Optional[str],
     ) -> None:
         self._processes.pop(job_id, None)
+        requests = self._requests.pop(job_id, None)
+        if last_output is not None:
+            last_output = self._hub_addresses(job_id, last_output)
         job = self._with_relay_counts(self._jobs[job_id])
         job = job.ended(
             self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
         )
+        if (
+            requests is not None
+            and exit_signal is not None
+            and job.status is not JobStatus.COMPLETED
+        ):
+            cleanup = self._on_client_killed(requests[0])
+            self._cleanups.add(cleanup)
+            cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
         self._update(job)
         self._save_now(job_id)
         self._on_job_ended(job)

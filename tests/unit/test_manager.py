@@ -8,14 +8,14 @@ from pathlib import Path
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 
 from sna.config import Settings
 from sna.jobs import manager as manager_module
 from sna.jobs.manager import JobManager, PortInUse, ShuttingDown
-from sna.jobs.model import JobStatus
+from sna.jobs.model import BackupRequest, JobStatus
 from sna.testing import FakeGateway, FakeLauncher, MemoryJobStore, SteppingClock
 from tests.unit.conftest import started
 from tests.unit.test_model import T0, make_job
@@ -170,3 +170,41 @@ def test_every_ended_job_is_announced_once(tmp_path: Path) -> None:
     launcher.transports[REQUEST.job_id].exit(2)
     assert ended[-1] == (REQUEST.job_id, JobStatus.FAILED)
     assert len(ended) == 2
+
+
+def test_a_killed_client_gets_its_snapshot_removed_with_the_request(tmp_path: Path) -> None:
+    clock = Clock()
+    launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
+    killed: list[BackupRequest] = []
+    manager = JobManager(
+        MemoryJobStore(),
+        launcher,
+        clock,
+        Settings(),
+        SteppingClock(),
+        gateway=FakeGateway(),
+        on_client_killed=lambda request: succeed(killed.append(request)),
+    )
+    manager.recover()
+    started(manager, REQUEST)
+    launcher.transports[REQUEST.job_id].exit(signal=9)
+    assert killed == [REQUEST]
+    assert killed[0].vcenter_password == "pa55 word"  # the original, with the hub ports
+    assert killed[0].targets[0].port == 10100
+    other = attrs.evolve(REQUEST, job_id="exits-itself")
+    started(manager, other)
+    launcher.transports["exits-itself"].exit(1)
+    assert killed == [REQUEST], "a client that exits cleans up after itself"
+
+
+def test_errors_name_the_hub_port_not_the_relay(tmp_path: Path) -> None:
+    manager, launcher, _, _ = make_manager(tmp_path)
+    manager.recover()
+    started(manager, REQUEST)
+    relayed = launcher.requests[REQUEST.job_id].targets[1]
+    line = {"event": "error", "message": f"lost nbd://{relayed.host}:{relayed.port}/vm-disk1"}
+    launcher.transports[REQUEST.job_id].protocol.outReceived(json.dumps(line).encode() + b"\n")
+    launcher.transports[REQUEST.job_id].exit(1)
+    assert manager.get(REQUEST.job_id).error == (
+        "backup client exited with code 1: lost nbd://127.0.0.1:10101/vm-disk1"
+    )
