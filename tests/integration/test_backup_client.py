@@ -30,6 +30,7 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from sna.sbc.parse import JsonLineParser
+from tests.integration.backup_helpers import blocks, compare, has_no_data, snapshots
 from tests.testbed import Testbed, testbed_fixture
 
 pytestmark = pytest.mark.integration
@@ -188,51 +189,6 @@ def hub_targets(testbed: Testbed, vm: str) -> dict[int, dict[str, Any]]:
     return {t["disk_key"]: t for t in testbed.targets if t["vm"] == vm}
 
 
-def same(testbed: Testbed, vm: str, disk_key: int, qcow2: str) -> None:
-    flat = testbed.disk(vm, disk_key)["flat_file"]
-    result = subprocess.run(
-        ["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", flat, qcow2],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, f"disk {disk_key}: {result.stdout} {result.stderr}"
-
-
-def has_no_data(qcow2: str) -> bool:
-    out = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", qcow2],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return not any(extent["data"] for extent in json.loads(out))
-
-
-def snapshots(testbed: Testbed, vm: str) -> list[str]:
-    si = testbed.connect()
-    try:
-        found = si.content.searchIndex.FindByInventoryPath(testbed.vm(vm)["path"])
-        names: list[str] = []
-
-        def walk(trees: Any) -> None:
-            for tree in trees or []:
-                names.append(tree.name)
-                walk(tree.childSnapshotList)
-
-        walk(found.snapshot.rootSnapshotList if found.snapshot else [])
-        return names
-    finally:
-        Disconnect(si)
-
-
-def blocks(ranges: list[tuple[int, int]], capacity: int) -> int:
-    """Bytes of the CBT blocks the byte ranges touch, clipped to the disk."""
-    touched: set[int] = set()
-    for offset, length in ranges:
-        touched.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
-    return sum(min(BLOCK, capacity - b * BLOCK) for b in touched)
-
-
 def overlay_targets(
     testbed: Testbed, vm: str, bases: Mapping[int, dict[str, Any]], backing: Mapping[int, Path]
 ) -> dict[int, dict[str, Any]]:
@@ -287,7 +243,7 @@ def test_full_then_incremental_into_an_overlay(data: Testbed, tmp_path: Path) ->
         assert CHANGE_ID.match(done["change_id"])
         assert done["bytes_done"] == done["bytes_total"] == start["bytes_total"]
         assert done["bytes_written"] + done["bytes_zero"] == done["bytes_total"]
-        same(tb, "bkvm", key, target["qcow2"])
+        compare(tb, "bkvm", key, target["qcow2"])
     # The zeroed 256 KiB were read and sent as WRITE_ZEROES, not as data.
     assert full.one("disk_done", 2000)["bytes_zero"] >= 256 * KiB
     assert full.one("disk_done", 2000)["bytes_total"] == blocks(
@@ -333,7 +289,7 @@ def test_full_then_incremental_into_an_overlay(data: Testbed, tmp_path: Path) ->
         # Only the changed blocks moved: read, and sent as data or zeroes.
         assert done["bytes_read"] == done["bytes_total"] == changed[key]
         assert done["bytes_written"] + done["bytes_zero"] == changed[key]
-        same(tb, "bkvm", key, target["qcow2"])
+        compare(tb, "bkvm", key, target["qcow2"])
     # The block that became zero went as WRITE_ZEROES, masking the backing file's data.
     assert incr.one("disk_done", 2000)["bytes_zero"] == BLOCK
     assert snapshots(tb, "bkvm") == []
@@ -392,7 +348,7 @@ def test_wrong_or_reset_change_id_means_full(data: Testbed, tmp_path: Path) -> N
         == 8 * MiB - run.one("disk_done", 2001)["bytes_total"]
     )
     for key, target in overlays.items():
-        same(tb, "resetvm", key, target["qcow2"])
+        compare(tb, "resetvm", key, target["qcow2"])
 
     # A real CBT reset (off, on): every disk's tracking instance changes.
     si = tb.connect()
@@ -417,7 +373,7 @@ def test_wrong_or_reset_change_id_means_full(data: Testbed, tmp_path: Path) -> N
         assert start["sync_type"] == "full" and start["sync_reason"].startswith(
             "the previous change ID is of another CBT"
         )
-        same(tb, "resetvm", key, target["qcow2"])
+        compare(tb, "resetvm", key, target["qcow2"])
     assert snapshots(tb, "resetvm") == []
 
 
@@ -508,6 +464,9 @@ def test_target_mapping_fails_before_any_write(
     (error,) = run.of("error")
     assert complaint in error["message"] and "nothing was copied" in error["message"], error
     assert not run.of("disk_start")
+    # qemu-nbd writes a qcow2's metadata at its exit: stop serving before looking.
+    for target in real.values():
+        tb.stop_target(target["export"])
     assert all(has_no_data(t["qcow2"]) for t in real.values())
     assert snapshots(tb, "bigvm") == []
 
@@ -557,7 +516,7 @@ def test_nbd_reader_from_nbdkit(data: Testbed, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     for key, target in targets.items():
         assert run.one("disk_start", key)["reader"] == "nbd"
-        same(tb, "bkvm", key, target["qcow2"])
+        compare(tb, "bkvm", key, target["qcow2"])
 
 
 FAKE_NBDKIT = """#!{python}
@@ -606,7 +565,7 @@ def test_vddk_reader_starts_nbdkit_per_disk(data: Testbed, tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     for key, target in targets.items():
         assert run.one("disk_start", key)["reader"] == "vddk"
-        same(tb, "bkvm", key, target["qcow2"])
+        compare(tb, "bkvm", key, target["qcow2"])
     records = [json.loads(p.read_text()) for p in tmp_path.glob("nbdkit.json.*")]
     assert len(records) == 3
     password = tb.vcenter["password"]
@@ -653,11 +612,12 @@ def test_vcenter_certificate(
     )
     if outcome is None:
         assert run.returncode == 0, run.stderr
-        same(tb, "tlsvm", 2000, target["qcow2"])
+        compare(tb, "tlsvm", 2000, target["qcow2"])
     else:
         assert run.returncode == 1
         (error,) = run.of("error")
         assert outcome in error["message"], error
+        tb.stop_target(target["export"])  # its metadata is written at qemu-nbd's exit
         assert has_no_data(target["qcow2"])
 
 
