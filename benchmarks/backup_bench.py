@@ -60,14 +60,12 @@ under 5 % of the full's time.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
 import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,6 +80,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.testbed import Testbed, human_size, parse_size  # noqa: E402
+from tests.testbed.sna import Sna  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -118,70 +117,8 @@ def cmdline(pid: int) -> list[str]:
     return [p.decode("utf-8", "replace") for p in raw.split(b"\0") if p]
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (for the daemon's API)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Sna:
-    """A ``twistd -n sna`` of our own on loopback, with the default backup client."""
-
-    def __init__(self, workdir: Path, ports: range) -> None:
-        self.port = free_port()
-        self.log_dir = workdir / "log"
-        self.output = workdir / "twistd.log"
-        workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            str(Path(sys.executable).with_name("twistd")),
-            "-n",
-            "--pidfile=",
-            "sna",
-            "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--state-dir",
-            str(workdir / "state"),
-            "--log-dir",
-            str(self.log_dir),
-            "--nbd-ports",
-            f"{ports.start}-{ports.stop - 1}",
-        ]
-        with open(self.output, "wb") as out:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
-        end = time.monotonic() + 30
-        while True:
-            try:
-                self.call("GET", "/api/v1/health")
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > end:
-                    self.stop()
-                    raise SystemExit(f"sna did not start; see {self.output}") from None
-                time.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        """The twistd process (the daemon itself, not a wrapper)."""
-        return self.process.pid
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One API request; its JSON answer, or exit on an HTTP error."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if data else {}
-            conn.request(method, path, body=data, headers=headers)
-            answer = conn.getresponse()
-            raw = answer.read()
-        finally:
-            conn.close()
-        if answer.status >= 300:
-            raise SystemExit(f"{method} {path}: HTTP {answer.status}: {raw.decode()[:500]}")
-        return json.loads(raw)
+class BenchSna(Sna):
+    """The daemon, with readers of its job logs for the timeline."""
 
     def job_log(self, job_id: str) -> list[tuple[float, str, str]]:
         """The job log as (time, stream, text): ``sna``, ``stdout`` or ``stderr`` lines."""
@@ -282,7 +219,7 @@ def vcsim_pid(testbed: Testbed) -> int:
 
 
 def sna_job(
-    sna: Sna,
+    sna: BenchSna,
     testbed: Testbed,
     vm: str,
     target: dict[str, Any],
@@ -379,7 +316,7 @@ def verify(testbed: Testbed, vm: str, target: dict[str, Any]) -> None:
         raise SystemExit(f"{vm}: {target['qcow2']} differs from the disk: {check.stdout}")
 
 
-def one_full(sna: Sna, testbed: Testbed, vm: str, variant: str, job_id: str) -> Sample:
+def one_full(sna: BenchSna, testbed: Testbed, vm: str, variant: str, job_id: str) -> Sample:
     """One full copy of a VM's disk by one variant into a fresh target, checked, then removed."""
     target = testbed.add_target(vm, 2000)
     try:
@@ -396,7 +333,7 @@ def one_full(sna: Sna, testbed: Testbed, vm: str, variant: str, job_id: str) -> 
 
 
 def incrementals(
-    sna: Sna, testbed: Testbed, size: int, runs: int, percent: float, rng: random.Random
+    sna: BenchSna, testbed: Testbed, size: int, runs: int, percent: float, rng: random.Random
 ) -> tuple[Sample, list[Sample], int]:
     """A full of randvm, then ``runs`` incrementals after changing ``percent`` % each time."""
     target = testbed.add_target("randvm", 2000)
@@ -567,7 +504,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     results: dict[tuple[str, str], list[Sample]] = {}
     testbed: Optional[Testbed] = None
-    sna: Optional[Sna] = None
+    sna: Optional[BenchSna] = None
     try:
         testbed = Testbed.start(spec(size, ports), workdir / "testbed")
         for t in list(testbed.targets):  # each run serves its own fresh target
@@ -576,7 +513,7 @@ def main() -> None:
         started = time.monotonic()
         fill(testbed, size, args.sparse_data)
         print(f"filled in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        sna = Sna(workdir / "sna", ports)
+        sna = BenchSna(workdir / "sna", ("--nbd-ports", f"{ports.start}-{ports.stop - 1}"))
         for number in range(args.runs):
             order = [(vm, v) for vm in VMS for v in VARIANTS]
             rng.shuffle(order)

@@ -10,21 +10,17 @@ stopped at the end, whatever happened.  Loopback only.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
 from tests.testbed import Testbed, human_size
+from tests.testbed.sna import Sna
 
 VM = "demo"
 SPEC: dict[str, Any] = {
@@ -40,73 +36,11 @@ SPEC: dict[str, Any] = {
     ],
     "hub": True,
 }
-TWISTD = Path(sys.executable).with_name("twistd")
 DEADLINE = 300.0
 
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Sna:
-    """A ``twistd -n sna`` of our own, on loopback."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.log = workdir / "sna.log"
-        argv = [
-            str(TWISTD),
-            "-n",
-            "--pidfile=",
-            "sna",
-            "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--state-dir",
-            str(workdir / "state"),
-            "--log-dir",
-            str(workdir / "log"),
-        ]
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 30
-        while True:
-            try:
-                self.call("GET", "/api/v1/health")
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"sna did not start; see {self.log}") from None
-                time.sleep(0.2)
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"} if data else {},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                return json.loads(answer.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"{method} {path}: HTTP {e.code}: {e.read().decode()}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def follow(sna: Sna, job_id: str) -> dict[str, Any]:
@@ -194,7 +128,7 @@ def main() -> int:
             testbed.write(VM, key, capacity - 4096 * 3 - 512, 4096 * 3 + 512, seed=30 + n)
             say(f"  disk {key}: {human_size(capacity)}, data written in three regions")
         say(f"Starting sna (twistd) on 127.0.0.1, logs in {workdir}")
-        sna = Sna(workdir)
+        sna = Sna(workdir / "sna")
 
         say("Full backup")
         fulls = [t for t in testbed.targets if t["vm"] == VM]
