@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, TypeVar, Union
 
 import attrs
@@ -72,6 +72,7 @@ from sna.nbd.wire import (
     ExportInfo,
     ExportReady,
     Goal,
+    HandshakeEvent,
     MiB,
     ReplyParser,
     SendBytes,
@@ -95,6 +96,35 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 #: What ``write`` accepts: anything with a contiguous byte buffer.
 Payload = Union[bytes, bytearray, memoryview]
+
+
+def feed_handshake(
+    handshake: ClientHandshake,
+    data: bytes,
+    write: Callable[[bytes], None],
+    close: Callable[[], None],
+) -> tuple[list[HandshakeEvent], Optional[NBDError]]:
+    """Give the server's bytes to ``handshake``, writing what it answers.
+
+    Returns the events left for the caller (everything but the bytes to
+    send) and the protocol error, if the server broke the handshake; the
+    connection is then being closed, after ``NBD_OPT_ABORT`` when the
+    server was still negotiating properly (the spec's soft way out).
+    """
+    try:
+        events = handshake.receive_data(data)
+    except NBDError as e:
+        if isinstance(e, OptionError):
+            write(abort_option())
+        close()
+        return [], e
+    left: list[HandshakeEvent] = []
+    for event in events:
+        if isinstance(event, SendBytes):
+            write(event.data)
+        else:
+            left.append(event)
+    return left, None
 
 
 def client_endpoint(
@@ -252,19 +282,12 @@ class NBDClientProtocol(Protocol):
     def _handshake_data(self, data: bytes) -> None:
         if self._reason is not None:
             return  # failed already; the connection is closing
-        try:
-            events = self._handshake.receive_data(data)
-        except NBDError as e:
-            self._reason = e
-            if isinstance(e, OptionError):
-                # The server is still haggling properly: leave the spec's soft way.
-                self._write(abort_option())
-            self._close_transport()
+        events, error = feed_handshake(self._handshake, data, self._write, self._close_transport)
+        if error is not None:
+            self._reason = error
             return
         for event in events:
-            if isinstance(event, SendBytes):
-                self._write(event.data)
-            elif isinstance(event, ExportReady):
+            if isinstance(event, ExportReady):
                 self.info = event.info
                 log.debug(
                     "NBD export {export}: {size} bytes, flags {flags:#x}, "

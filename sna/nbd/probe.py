@@ -32,22 +32,19 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sna.nbd.client import client_endpoint
+from sna.nbd.client import client_endpoint, feed_handshake
 from sna.nbd.errors import (
     ExportNotFound,
     HandshakeError,
     NBDError,
     NotNBDServer,
-    OptionError,
 )
 from sna.nbd.wire import (
     ClientHandshake,
     ExportInfo,
     ExportInfoReceived,
     Goal,
-    SendBytes,
     SessionEnded,
-    abort_option,
 )
 
 log = Logger()
@@ -122,19 +119,14 @@ class _ProbeProtocol(TwistedProtocol):
             return
         transport = self.transport
         assert transport is not None
-        try:
-            events = self._handshake.receive_data(data)
-        except NBDError as e:
-            self._error = e
-            if isinstance(e, OptionError):
-                # The server still haggles properly: end the spec's soft way.
-                transport.write(abort_option())
-            transport.loseConnection()
+        events, error = feed_handshake(
+            self._handshake, data, transport.write, transport.loseConnection
+        )
+        if error is not None:
+            self._error = error
             return
         for event in events:
-            if isinstance(event, SendBytes):
-                transport.write(event.data)
-            elif isinstance(event, ExportInfoReceived):
+            if isinstance(event, ExportInfoReceived):
                 self._info = event.info
             elif isinstance(event, SessionEnded):
                 transport.loseConnection()
