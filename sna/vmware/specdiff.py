@@ -91,30 +91,30 @@ def _disk_changes(stored: list[Any], live: list[Any]) -> list[dict[str, Any]]:
     for key in sorted(new.keys() - old.keys()):
         disk = new[key]
         changes.append(
-            {
-                "category": "disk",
-                "type": "added",
-                "field": "disks",
-                "key": key,
-                "old": None,
-                "new": disk,
-                "description": (
+            _change(
+                "disk",
+                "added",
+                "disks",
+                None,
+                disk,
+                (
                     f"disk {key} ({disk.get('label', '')}, {_size(disk.get('capacity_bytes'))}) added"
                 ),
-            }
+                key=key,
+            )
         )
     for key in sorted(old.keys() - new.keys()):
         disk = old[key]
         changes.append(
-            {
-                "category": "disk",
-                "type": "removed",
-                "field": "disks",
-                "key": key,
-                "old": dict(disk),
-                "new": None,
-                "description": f"disk {key} ({disk.get('label', '')}) removed",
-            }
+            _change(
+                "disk",
+                "removed",
+                "disks",
+                dict(disk),
+                None,
+                f"disk {key} ({disk.get('label', '')}) removed",
+                key=key,
+            )
         )
     for key in sorted(old.keys() & new.keys()):
         before, after = old[key], new[key]
@@ -127,35 +127,35 @@ def _disk_changes(stored: list[Any], live: list[Any]) -> list[dict[str, Any]]:
             field = "disks.capacity_bytes"
         if was is not None and was != now:
             changes.append(
-                {
-                    "category": "disk",
-                    "type": "resized",
-                    "field": field,
-                    "key": key,
-                    "old": was,
-                    "new": now,
-                    "description": (
+                _change(
+                    "disk",
+                    "resized",
+                    field,
+                    was,
+                    now,
+                    (
                         f"disk {key} resized from {_size(was)} to {_size(now)}"
                         if field == "disks.capacity_bytes"
                         else f"disk {key} resized from {was} GB to {now} GB"
                     ),
-                }
+                    key=key,
+                )
             )
         for name, words in DISK_FIELDS:
             if before.get(name) and before.get(name) != after.get(name):
                 changes.append(
-                    {
-                        "category": "disk",
-                        "type": "modified",
-                        "field": f"disks.{name}",
-                        "key": key,
-                        "old": before.get(name),
-                        "new": after.get(name),
-                        "description": (
-                            f"disk {key} {words} changed from {before.get(name)} "
-                            f"to {after.get(name)}"
+                    _change(
+                        "disk",
+                        "modified",
+                        f"disks.{name}",
+                        before.get(name),
+                        after.get(name),
+                        (
+                            f"disk {key} {words} changed from {_shown(before.get(name))} "
+                            f"to {_shown(after.get(name))}"
                         ),
-                    }
+                        key=key,
+                    )
                 )
     return changes
 
@@ -172,34 +172,34 @@ def _network_changes(stored: list[Any], live: list[Any]) -> list[dict[str, Any]]
     for ident in sorted(new.keys() - old.keys()):
         nic = new[ident]
         changes.append(
-            {
-                "category": "network",
-                "type": "added",
-                "field": "networks",
-                "mac_address": nic.get("mac_address", ""),
-                "old": None,
-                "new": nic,
-                "description": (
+            _change(
+                "network",
+                "added",
+                "networks",
+                None,
+                nic,
+                (
                     f"network adapter {nic.get('mac_address', '')} on "
                     f"{nic.get('network_name', '')} added"
                 ),
-            }
+                mac_address=nic.get("mac_address", ""),
+            )
         )
     for ident in sorted(old.keys() - new.keys()):
         nic = old[ident]
         changes.append(
-            {
-                "category": "network",
-                "type": "removed",
-                "field": "networks",
-                "mac_address": nic.get("mac_address", ""),
-                "old": dict(nic),
-                "new": None,
-                "description": (
+            _change(
+                "network",
+                "removed",
+                "networks",
+                dict(nic),
+                None,
+                (
                     f"network adapter {nic.get('mac_address', '')} on "
                     f"{nic.get('network_name', '')} removed"
                 ),
-            }
+                mac_address=nic.get("mac_address", ""),
+            )
         )
     for ident in sorted(old.keys() & new.keys()):
         before, after = old[ident], new[ident]
@@ -208,20 +208,46 @@ def _network_changes(stored: list[Any], live: list[Any]) -> list[dict[str, Any]]
                 if name != "connected" and not before[name]:
                     continue
                 changes.append(
-                    {
-                        "category": "network",
-                        "type": "modified",
-                        "field": f"networks.{name}",
-                        "mac_address": after.get("mac_address", ""),
-                        "old": before[name],
-                        "new": after.get(name),
-                        "description": (
+                    _change(
+                        "network",
+                        "modified",
+                        f"networks.{name}",
+                        before[name],
+                        after.get(name),
+                        (
                             f"network adapter {after.get('mac_address', '')} {words} changed "
-                            f"from {before[name]} to {after.get(name)}"
+                            f"from {_shown(before[name])} to {_shown(after.get(name))}"
                         ),
-                    }
+                        mac_address=after.get("mac_address", ""),
+                    )
                 )
     return changes
+
+
+def _shown(value: Any) -> str:
+    """A value in a change's text: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _change(
+    category: str,
+    kind: str,
+    field: str,
+    old: Any,
+    new: Any,
+    description: str,
+    **ident: Any,
+) -> dict[str, Any]:
+    """One entry of ``changes``; ``ident`` names the disk (``key``) or adapter (``mac_address``)."""
+    return {
+        "category": category,
+        "type": kind,
+        "field": field,
+        **ident,
+        "old": old,
+        "new": new,
+        "description": description,
+    }
 
 
 def diff(stored: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -237,14 +263,14 @@ def diff(stored: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict[str, A
         before, after = stored[field], live.get(field)
         if before != after:
             changes.append(
-                {
-                    "category": category,
-                    "type": "modified",
-                    "field": field,
-                    "old": before,
-                    "new": after,
-                    "description": f"{words} changed from {before!r} to {after!r}",
-                }
+                _change(
+                    category,
+                    "modified",
+                    field,
+                    before,
+                    after,
+                    f"{words} changed from {_shown(before)} to {_shown(after)}",
+                )
             )
     if isinstance(stored.get("disks"), list):
         changes.extend(_disk_changes(stored["disks"], list(live.get("disks") or [])))

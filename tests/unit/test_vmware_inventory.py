@@ -366,3 +366,18 @@ def test_a_record_without_bytes_compares_gigabytes() -> None:
     live["disks"][0]["size_gb"] = 12
     (change,) = specdiff.diff(stored, live)
     assert (change["field"], change["old"], change["new"]) == ("disks.size_gb", 10, 12)
+
+
+def test_change_texts_read_as_json_not_python() -> None:
+    stored = {
+        "power_state": "poweredOn",
+        "networks": [{"mac_address": "00:50:56:aa:bb:cc", "connected": True}],
+    }
+    live = {
+        "power_state": "poweredOff",
+        "networks": [{"mac_address": "00:50:56:aa:bb:cc", "connected": False}],
+    }
+    texts = [c["description"] for c in specdiff.diff(stored, live)]
+    assert any("from poweredOn to poweredOff" in t for t in texts), texts
+    assert any("from true to false" in t for t in texts), texts
+    assert not any("'" in t or "False" in t for t in texts), texts
