@@ -194,9 +194,10 @@ class FakeGateway:
         self.lost[job_id] = on_lost
         return succeed(list(ports.values()))
 
-    def close_relays(self, job_id: str) -> Deferred[None]:
+    def close_relays(self, job_id: str) -> Deferred[list[RelayStats]]:
+        final = self.stats(job_id)
         self.open.pop(job_id, None)
-        return succeed(None)
+        return succeed(final)
 
     def stats(self, job_id: str) -> list[RelayStats]:
         return [

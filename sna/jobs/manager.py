@@ -465,13 +465,12 @@ class JobManager:
         self._update(job)
         self._save_now(job_id)
         self._on_job_ended(job)
-        closing = self._gateway.close_relays(job_id)
+        closing = self._gateway.close_relays(job_id).addCallback(self._final_counts, job_id)
         self._closing[job_id] = closing
 
-        def closed(result: object) -> object:
+        def closed(result: object) -> None:
             if self._closing.get(job_id) is closing:
                 del self._closing[job_id]
-            return result
 
         closing.addBoth(closed)
         self.log.info(
@@ -481,6 +480,16 @@ class JobManager:
             exit_code=exit_code,
             error=job.error,
         )
+
+    def _final_counts(self, stats: list[RelayStats], job_id: str) -> None:
+        """The relays are closed: the bytes they moved after the client's exit count too."""
+        job = self._jobs.get(job_id)
+        if job is None or job.status.active or not stats:
+            return
+        self._update(
+            job.with_relay_counts({s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats})
+        )
+        self._save_now(job_id)
 
     # -- persistence ----------------------------------------------------
 

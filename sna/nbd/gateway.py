@@ -39,8 +39,10 @@ class ITargetGateway(Interface):
         ``on_lost(disk_key, reason)`` is called when a target's upstream drops.
         """
 
-    def close_relays(job_id: str) -> Deferred[None]:
-        """Stop the job's relays; fires once their connections are closed."""
+    def close_relays(job_id: str) -> Deferred[list[RelayStats]]:
+        """Stop the job's relays; fires with their final figures once their
+        connections are closed (bytes still in flight at the client's exit
+        are counted by then)."""
 
     def stats(job_id: str) -> list[RelayStats]:
         """The job's relays, as they stand."""
@@ -106,12 +108,14 @@ class NbdGateway:
             )
         return ports
 
-    def close_relays(self, job_id: str) -> Deferred[None]:
+    def close_relays(self, job_id: str) -> Deferred[list[RelayStats]]:
         relays = self.registry.by_job(job_id)
 
-        def forget(_: object) -> None:
+        def forget(_: object) -> list[RelayStats]:
+            final = [relay.stats() for relay in relays]
             for relay in relays:
                 self.registry.remove(relay)
+            return final
 
         d: Deferred[Any] = DeferredList([r.stop() for r in relays], consumeErrors=True)
         return d.addCallback(forget)

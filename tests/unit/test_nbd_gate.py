@@ -125,3 +125,23 @@ def test_a_caller_that_hangs_up_mid_probe_leaves_nothing(harness: Harness) -> No
     assert getattr(failures[0], "type", None) is CancelledError
     assert harness.manager._starting == {}
     assert harness.launcher.requests == {} and harness.gateway.open == {}
+
+
+def test_bytes_relayed_after_the_clients_exit_are_counted(harness: Harness) -> None:
+    harness.request("POST", "/api/v1/backup/start", backup_body())
+    harness.gateway.counts[JOB] = {"2000": (1000, 20), "2001": (500, 10)}
+    closing: Deferred[object] = Deferred()
+    real_close = harness.gateway.close_relays
+
+    def close_later(job_id: str) -> Deferred[object]:
+        return closing.addCallback(lambda _: real_close(job_id))  # type: ignore[return-value]
+
+    harness.gateway.close_relays = close_later  # type: ignore[method-assign]
+    harness.launcher.transports[JOB].exit(0)
+    assert harness.request("GET", f"/api/v1/status/{JOB}")[1]["relay_bytes_to_hub"] == 1500
+    # The relay flushes what it still held towards the hub, then closes.
+    harness.gateway.counts[JOB] = {"2000": (1300, 20), "2001": (500, 10)}
+    closing.callback(None)
+    status = harness.request("GET", f"/api/v1/status/{JOB}")[1]
+    assert status["relay_bytes_to_hub"] == 1800
+    assert harness.store.jobs[JOB]["disks"][0]["bytes_to_hub"] == 1300
