@@ -32,7 +32,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sna.nbd.client import client_endpoint, feed_handshake
+from sna.nbd.client import ack_now, client_endpoint, feed_handshake
 from sna.nbd.errors import (
     ExportNotFound,
     HandshakeError,
@@ -119,6 +119,7 @@ class _ProbeProtocol(TwistedProtocol):
             return
         transport = self.transport
         assert transport is not None
+        ack_now(transport)
         events, error = feed_handshake(
             self._handshake, data, transport.write, transport.loseConnection
         )

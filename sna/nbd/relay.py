@@ -81,6 +81,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sna.nbd.client import ack_now
 from sna.nbd.wire import REQUEST_MAGIC, Command
 
 if TYPE_CHECKING:
@@ -280,6 +281,8 @@ class _LentSocket:
         self.side = side
         self.fd: int = transport.fileno()
         self.active = True
+        # The hub's side: its replies are acknowledged at once (see ack_now).
+        self.ack = side == "upstream"
         # Set by the pumps once both exist.
         self.source: _Pump
         self.sink: _Pump
@@ -290,6 +293,8 @@ class _LentSocket:
     def doRead(self) -> None:
         if self.active:
             self.source.readable()
+            if self.ack:
+                ack_now(self.sock)
 
     def doWrite(self) -> None:
         if self.active:
@@ -706,6 +711,7 @@ class _UpstreamProtocol(Protocol):
         self.conn.upstream_made(self)
 
     def dataReceived(self, data: bytes) -> None:
+        ack_now(self.transport)
         self.conn.upstream_data(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
