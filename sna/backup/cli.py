@@ -36,6 +36,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from sna import standby
 from sna.backup.events import EventWriter, mask
 from sna.backup.job import BackupJob
 from sna.backup.options import PASSWORD_ENV, JobOptions, UsageError, parse_args
@@ -116,9 +117,46 @@ def _run(reactor: Any, options: JobOptions, events: EventWriter) -> Any:
     return Deferred.fromCoroutine(main())
 
 
+def _standby(args: Sequence[str]) -> Optional[tuple[list[str], dict[str, str]]]:
+    """Wait, fully imported, for the daemon's job on stdin (:mod:`sna.standby`).
+
+    Returns the job's argv and added environment, or ``None`` at end of file
+    (the spare was not needed).  Until a job arrives SIGINT ends the process
+    quietly: there is nothing to clean up yet.
+    """
+    if list(args[:1]) != [standby.SPARE_ID_OPTION] or len(args) != 2:
+        raise UsageError(f"usage: {standby.COMMAND} {standby.SPARE_ID_OPTION} ID")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The reactor is what react() would import first; a spare has it ready.
+    from twisted.internet import reactor  # noqa: F401
+
+    sys.stdout.buffer.write(standby.READY_LINE + b"\n")
+    sys.stdout.buffer.flush()
+    line = sys.stdin.buffer.readline(standby.MAX_JOB_LINE + 1)
+    if not line:
+        return None
+    try:
+        return standby.decode_job(line)
+    except standby.HandoverError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
+    if args[:1] == [standby.COMMAND]:
+        try:
+            job = _standby(args[1:])
+        except UsageError as e:
+            sys.stderr.write(f"sendense-backup-client: error: {e}\n")
+            EventWriter(sys.stdout.buffer).error(f"usage: {e}")
+            _exit_now(EXIT_USAGE)
+            return
+        if job is None:
+            _exit_now(0)
+            return
+        args, added = job
+        environ.update(added)
     password = environ.get(PASSWORD_ENV, "")
     events = EventWriter(sys.stdout.buffer, secrets=[password])
     try:
