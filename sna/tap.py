@@ -92,6 +92,12 @@ class Options(usage.Options):
         ],
         ["sbc", None, "sendense-backup-client", "Backup-client command (split like a shell)."],
         [
+            "spare-clients",
+            None,
+            "1",
+            "Backup clients kept started ahead of jobs (0-16; 0: none; never with --sbc-legacy).",
+        ],
+        [
             "sha-url",
             None,
             None,
@@ -183,6 +189,12 @@ class Options(usage.Options):
                 ssl.create_default_context().load_verify_locations(cafile=self["vcenter-ca-file"])
             except (OSError, ssl.SSLError) as e:
                 raise usage.UsageError(f"--vcenter-ca-file: {e}") from None
+        spares = _number(self["spare-clients"], int)
+        if not isinstance(spares, int) or not 0 <= spares <= 16:
+            raise usage.UsageError(
+                f"--spare-clients must be an integer from 0 to 16, not {self['spare-clients']!r}"
+            )
+        self["spare-clients"] = spares
         try:
             self["sbc"] = ClientCommand.parse(self["sbc"], legacy=bool(self["sbc-legacy"]))
         except ValueError as e:
@@ -203,9 +215,15 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         insecure=bool(config["vcenter-insecure"]),
         ca_file=config["vcenter-ca-file"],
     )
-    launcher = ProcessLauncher(reactor, reactor, command, log_dir, utcnow)
+    launcher = ProcessLauncher(
+        reactor, reactor, command, log_dir, utcnow, spares=config["spare-clients"]
+    )
     relays = RelayRegistry()
-    metrics = Metrics(lambda: manager.counts(), relays)
+    metrics = Metrics(
+        lambda: manager.counts(),
+        relays,
+        launcher.spares.counts if launcher.spares is not None else None,
+    )
     pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
     sessions = SessionPool(
         cast(IReactorFromThreads, reactor),
@@ -230,6 +248,8 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     )
     api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, notifier)
+    if launcher.spares is not None:
+        launcher.spares.setServiceParent(service)  # type: ignore[no-untyped-call]
     resource = api.resource()
     if config["auth-token"] is not None:
         resource = BearerTokenAuthorization(resource, config["auth-token"])

@@ -8,13 +8,15 @@ imports this module.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IProcessTransport, IReactorTime
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -71,9 +73,12 @@ class MemoryJobStore:
 
 @implementer(IProcessTransport)
 class FakeProcessTransport(StringTransport):
-    """A process that only ends when told to, or on the signals in ``dies_on``."""
+    """A process that only ends when told to, or on the signals in ``dies_on``.
 
-    def __init__(self, protocol: BackupClientProtocol, pid: int, dies_on: tuple[str, ...]) -> None:
+    What is written to its stdin is in ``value()``.
+    """
+
+    def __init__(self, protocol: ProcessProtocol, pid: int, dies_on: tuple[str, ...]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.protocol = protocol
         self.pid: Optional[int] = pid
@@ -101,7 +106,7 @@ class FakeProcessTransport(StringTransport):
         pass
 
     def writeToChild(self, childFD: int, data: bytes) -> None:
-        raise NotImplementedError("the backup client reads nothing from us")
+        raise NotImplementedError("the daemon writes only to a client's stdin")
 
     def exit(self, code: Optional[int] = None, signal: Optional[int] = None) -> None:
         """End the process with ``code`` or by ``signal``, as the reactor would report it."""
@@ -111,6 +116,35 @@ class FakeProcessTransport(StringTransport):
         else:
             reason = Failure(ierror.ProcessTerminated(exitCode=code, signal=signal))
         self.protocol.processEnded(reason)
+
+
+@implementer(IReactorProcess)
+class FakeProcessReactor(Clock):
+    """A clock whose ``spawnProcess`` starts nothing: each process is a
+    :class:`FakeProcessTransport` in ``spawned``, with its argv and env."""
+
+    def __init__(self, dies_on: tuple[str, ...] = ("TERM", "KILL")) -> None:
+        super().__init__()
+        self.dies_on = dies_on
+        self.spawned: list[tuple[FakeProcessTransport, list[str], dict[str, str]]] = []
+        self._pids = itertools.count(7000)
+
+    def spawnProcess(  # type: ignore[override]
+        self,
+        processProtocol: ProcessProtocol,
+        executable: str,
+        args: Sequence[str] = (),
+        env: Optional[Mapping[str, str]] = None,
+        path: Optional[str] = None,
+        uid: Optional[int] = None,
+        gid: Optional[int] = None,
+        usePTY: bool = False,
+        childFDs: Optional[Mapping[int, object]] = None,
+    ) -> FakeProcessTransport:
+        transport = FakeProcessTransport(processProtocol, next(self._pids), self.dies_on)
+        self.spawned.append((transport, list(args), dict(env or {})))
+        processProtocol.makeConnection(transport)
+        return transport
 
 
 @implementer(IProcessLauncher)

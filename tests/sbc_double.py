@@ -52,6 +52,10 @@ The last path component of ``--vmware-path`` (the VM name) picks the behaviour:
     connection, with a ``progress`` event per piece.  If ``nbdcopy`` dies
     (its server went away) it stops feeding it and fails as ``write`` does.
 
+Started as ``sbc_double.py standby --spare-id ID`` it is a spare, as the
+real client is (``sna/standby.py``): it prints the ready line, reads the job
+(argv and added environment) from stdin, then runs it as above.
+
 In every mode but ``stubborn``, SIGTERM prints ``sbc-double: got SIGTERM``
 on stderr and exits 143, killing any ``nbdcopy`` it started first.
 """
@@ -463,11 +467,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 MODES = ("ok", "fail", "slow", "hang", "stubborn", "legacy", "crash", "write", "slowwrite")
 
 
+#: Name prefix of the memfd a spare double holds once it has a job.
+JOB_MEMFD = "sbc-double-job:"
+HELD: list[int] = []
+
+
+def standby(argv: list[str]) -> Optional[list[str]]:
+    """As a spare (``standby --spare-id ID``): the job's argv from stdin, its env added."""
+    if len(argv) != 2 or argv[0] != "--spare-id":
+        log(f"sbc-double: bad standby arguments {argv}")
+        sys.exit(2)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    print('{"event":"standby"}', flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    job = json.loads(line)
+    os.environ.update(job["env"])
+    argv = job["argv"]
+    assert isinstance(argv, list)
+    # A spare's argv names no job: an open memfd named after it lets tests find
+    # this process by job (/proc/PID/fd/N -> "/memfd:sbc-double-job:ID (deleted)").
+    job_id = argv[argv.index("--job-id") + 1] if "--job-id" in argv else "?"
+    HELD.append(os.memfd_create(f"{JOB_MEMFD}{job_id}"))
+    return argv
+
+
 def main(argv: list[str]) -> int:
     # The Go client writes UTF-8 whatever the locale; so must its double.
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(encoding="utf-8", errors="replace")
+    if argv[:1] == ["standby"]:
+        job = standby(argv[1:])
+        if job is None:
+            return 0
+        argv = job
     report_invocation(argv)
     args = parse_args(argv)
     vm = args.vmware_path.rstrip("/").rpartition("/")[2]

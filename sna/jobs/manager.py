@@ -183,7 +183,9 @@ class JobManager:
         for port in ports:
             self._reserved[port] = job.job_id
         assert job.pid is not None
-        d = terminate_leftover(self._clock, job.pid, job.job_id, self.settings.kill_grace)
+        d = terminate_leftover(
+            self._clock, job.pid, job.job_id, self.settings.kill_grace, job.spare_id
+        )
 
         def release(result: bool) -> bool:
             for port in ports:
@@ -353,7 +355,7 @@ class JobManager:
         self._processes[job.job_id] = process
         self._requests[job.job_id] = (request, relayed)
         if process.running:
-            self._update(self._jobs[job.job_id].spawned(process.pid, self._now()))
+            self._update(self._jobs[job.job_id].spawned(process.pid, self._now(), process.spare_id))
         self._save_now(job.job_id)
         self.log.info(
             "job {job_id}: {backup_type} backup of {vm_path}, {disks} disk(s), pid {pid}",

@@ -164,6 +164,8 @@ class Job:
     phase: str = "starting"
     current_operation: str = "Starting backup client"
     pid: Optional[int] = None
+    #: The ``--spare-id`` of a spare client that took the job (its argv names no job).
+    spare_id: Optional[str] = None
     ended_at: Optional[datetime] = None
     exit_code: Optional[int] = None
     exit_signal: Optional[int] = None
@@ -260,8 +262,8 @@ class Job:
         disks[index] = attrs.evolve(disks[index], **changes)
         return self._touch(now, disks=tuple(disks))
 
-    def spawned(self, pid: int, now: datetime) -> Job:
-        return self._touch(now, pid=pid)
+    def spawned(self, pid: int, now: datetime, spare_id: Optional[str] = None) -> Job:
+        return self._touch(now, pid=pid, spare_id=spare_id)
 
     def apply(self, event: events.Event, now: datetime) -> Job:
         """The job after one event from its client.  Events after the end are ignored."""

@@ -37,9 +37,11 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
+from sna import standby
 from sna.jobs.model import BackupRequest
 from sna.sbc import events
 from sna.sbc.parse import ILineParser, parser_for
+from sna.sbc.spare import SparePool
 
 #: Environment variable that carries the vCenter password to our client.
 PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
@@ -161,9 +163,15 @@ class ClientCommand:
                 args += ["--vcenter-ca-file", self.ca_file]
         return args
 
-    def environment(self, request: BackupRequest, base: Mapping[str, str]) -> dict[str, str]:
+    @staticmethod
+    def base_environment(base: Mapping[str, str]) -> dict[str, str]:
+        """What every client gets of the daemon's environment (a spare gets only this)."""
         env = {key: base[key] for key in PASSED_ENV if key in base}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        return env
+
+    def environment(self, request: BackupRequest, base: Mapping[str, str]) -> dict[str, str]:
+        env = self.base_environment(base)
         env["MIGRATEKIT_JOB_ID"] = request.job_id
         if self.legacy:
             if request.previous_change_id:
@@ -332,13 +340,19 @@ class ClientProcess:
     log = Logger()
 
     def __init__(
-        self, transport: IProcessTransport, protocol: BackupClientProtocol, clock: IReactorTime
+        self,
+        transport: IProcessTransport,
+        protocol: BackupClientProtocol,
+        clock: IReactorTime,
+        spare_id: Optional[str] = None,
     ) -> None:
         self._transport = transport
         self._protocol = protocol
         self._clock = clock
         self._kill_call: Optional[IDelayedCall] = None
         self.pid: int = transport.pid or 0
+        #: A spare's ``--spare-id``: what names the process when its argv does not name the job.
+        self.spare_id = spare_id
         self.running = True
         protocol.ended.addBoth(self._ended)
 
@@ -395,6 +409,7 @@ class ProcessLauncher:
         log_dir: LogDirectory,
         now: Callable[[], datetime],
         environ: Optional[Mapping[str, str]] = None,
+        spares: int = 0,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -402,6 +417,18 @@ class ProcessLauncher:
         self._log_dir = log_dir
         self._now = now
         self._environ = dict(os.environ if environ is None else environ)
+        #: Clients started ahead of jobs (our client only, never the legacy one);
+        #: a service for the caller to start.
+        self.spares: Optional[SparePool] = None
+        if spares > 0 and not command.legacy:
+            self.spares = SparePool(
+                reactor,
+                clock,
+                command.executable,
+                command.argv[1:],
+                command.base_environment(self._environ),
+                size=spares,
+            )
 
     def check(self) -> None:
         self.command.executable()
@@ -425,7 +452,17 @@ class ProcessLauncher:
             job_log = JobLog(log_path, self._now)
         except OSError as e:
             raise ClientUnavailable(f"cannot open the job log: {e.strerror}") from e
-        job_log.write("sna", f"starting {self._shown(args, request)}")
+        spare = self.spares.take() if self.spares is not None else None
+        if spare is not None:
+            job_log.write(
+                "sna",
+                f"starting {self._shown(args, request)} in spare client pid {spare.pid} "
+                f"(started {self._clock.seconds() - spare.started:.1f} s ago)",
+            )
+            base = self.command.base_environment(self._environ)
+            added = {k: v for k, v in env.items() if base.get(k) != v}
+        else:
+            job_log.write("sna", f"starting {self._shown(args, request)}")
         legacy = self.command.legacy
         parser = parser_for(legacy)
         protocol = BackupClientProtocol(
@@ -436,6 +473,17 @@ class ProcessLauncher:
             parser if legacy else None,
             secrets=(request.vcenter_password,),
         )
+        if spare is not None:
+            # The spare was started with the command's own arguments; the job's follow them.
+            transport = spare.hand_over(args[len(self.command.argv) :], added, protocol)
+            process = ClientProcess(transport, protocol, self._clock, spare.spare_id)
+            job_log.write("sna", f"pid {process.pid}")
+            self.log.info(
+                "job {job_id}: handed to spare backup client pid {pid}",
+                job_id=request.job_id,
+                pid=process.pid,
+            )
+            return process
         try:
             transport = self._reactor.spawnProcess(protocol, executable, args, env=env, path=None)
         except OSError as e:
@@ -466,21 +514,30 @@ def process_cmdline(pid: int) -> Optional[list[str]]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
-def is_client_of(pid: int, job_id: str) -> bool:
-    """Whether ``pid`` is a backup client started for ``job_id`` (pids get reused)."""
+def is_client_of(pid: int, job_id: str, spare_id: Optional[str] = None) -> bool:
+    """Whether ``pid`` is a backup client started for ``job_id`` (pids get reused).
+
+    Its argv names the job (``--job-id``) or, for a spare that was handed the
+    job, the spare (``--spare-id``), which the job's record keeps.
+    """
     argv = process_cmdline(pid)
     if not argv:
         return False
-    return any(a == "--job-id" and b == job_id for a, b in itertools.pairwise(argv))
+    names = {("--job-id", job_id)}
+    if spare_id:
+        names.add((standby.SPARE_ID_OPTION, spare_id))
+    return any(pair in names for pair in itertools.pairwise(argv))
 
 
-def terminate_leftover(clock: IReactorTime, pid: int, job_id: str, grace: float) -> Deferred[bool]:
+def terminate_leftover(
+    clock: IReactorTime, pid: int, job_id: str, grace: float, spare_id: Optional[str] = None
+) -> Deferred[bool]:
     """Stop a client left running by an earlier daemon; fires ``True`` if one was found.
 
     It is no longer our child, so we cannot reap it: we poll until it is gone.
     """
     log = Logger()
-    if not is_client_of(pid, job_id):
+    if not is_client_of(pid, job_id, spare_id):
         return succeed(False)
     log.warn(
         "terminating leftover backup client pid {pid} of interrupted job {job_id}",
@@ -500,7 +557,7 @@ def terminate_leftover(clock: IReactorTime, pid: int, job_id: str, grace: float)
 
     def poll() -> None:
         nonlocal killed
-        if not is_client_of(pid, job_id) or _is_zombie(pid):
+        if not is_client_of(pid, job_id, spare_id) or _is_zombie(pid):
             done.callback(True)
             return
         if not killed and clock.seconds() >= deadline:

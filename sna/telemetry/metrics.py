@@ -10,6 +10,7 @@ do not share figures.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,9 +23,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _LiveCollector(Collector):
-    def __init__(self, job_counts: Callable[[], dict[str, int]], relays: RelayRegistry) -> None:
+    def __init__(
+        self,
+        job_counts: Callable[[], dict[str, int]],
+        relays: RelayRegistry,
+        spares: Optional[Callable[[], dict[str, int]]],
+    ) -> None:
         self._job_counts = job_counts
         self._relays = relays
+        self._spares = spares
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("sna_jobs", "Jobs the daemon knows, by status.", labels=["status"])
@@ -59,6 +66,16 @@ class _LiveCollector(Collector):
         yield active
         yield throughput
 
+        if self._spares is not None:
+            spares = GaugeMetricFamily(
+                "sna_spare_clients",
+                "Backup clients started ahead of jobs, by state (starting, ready).",
+                labels=["state"],
+            )
+            for state, count in sorted(self._spares().items()):
+                spares.add_metric([state], count)
+            yield spares
+
         info = GaugeMetricFamily("sna_info", "The running sna.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -67,9 +84,14 @@ class _LiveCollector(Collector):
 class Metrics:
     """The daemon's registry, and the counters other parts increment."""
 
-    def __init__(self, job_counts: Callable[[], dict[str, int]], relays: RelayRegistry) -> None:
+    def __init__(
+        self,
+        job_counts: Callable[[], dict[str, int]],
+        relays: RelayRegistry,
+        spares: Optional[Callable[[], dict[str, int]]] = None,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_LiveCollector(job_counts, relays))
+        self.registry.register(_LiveCollector(job_counts, relays, spares))
         self.probe_failures = Counter(
             "sna_nbd_probe_failures",
             "NBD targets that failed the pre-job handshake probe, by reason.",

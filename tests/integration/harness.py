@@ -35,6 +35,7 @@ from typing import Any, Optional, TypeVar
 import pytest
 
 from tests.integration.nbd_fixtures import NbdServerProcess, nbdkit_on_ports
+from tests.sbc_double import JOB_MEMFD
 
 REPO = Path(__file__).resolve().parents[2]
 DOUBLE = REPO / "tests" / "sbc_double.py"
@@ -106,10 +107,33 @@ def is_zombie(pid: int) -> bool:
     return stat.rsplit(b")", 1)[-1].split()[:1] == [b"Z"]
 
 
+def job_of(pid: int) -> Optional[str]:
+    """The job a process is a client of: its ``--job-id``, or for a spare double
+    (whose argv names no job) the name of the memfd it holds; ``None`` if neither."""
+    argv = cmdline(pid)
+    for a, b in itertools.pairwise(argv):
+        if a == "--job-id":
+            return b
+    if "standby" not in argv:
+        return None
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        name = target.removeprefix("/memfd:").removesuffix(" (deleted)")
+        if name.startswith(JOB_MEMFD):
+            return name.removeprefix(JOB_MEMFD)
+    return None
+
+
 def client_alive(pid: int, job_id: str) -> bool:
     """Whether ``pid`` is still a live (not zombie) double of ``job_id``."""
-    argv = cmdline(pid)
-    return "--job-id" in argv and job_id in argv and not is_zombie(pid)
+    return job_of(pid) == job_id and not is_zombie(pid)
 
 
 def reaped(pid: int, job_id: str) -> bool:
@@ -126,13 +150,12 @@ def reaped(pid: int, job_id: str) -> bool:
 
 
 def doubles_of(job_ids: set[str]) -> list[int]:
-    """Pids of live processes started with ``--job-id`` one of ``job_ids``."""
+    """Pids of live clients (doubles or real) of one of ``job_ids``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = cmdline(int(entry.name))
-        if any(a == "--job-id" and b in job_ids for a, b in itertools.pairwise(argv)):
+        if job_of(int(entry.name)) in job_ids:
             found.append(int(entry.name))
     return found
 
@@ -251,6 +274,18 @@ class Api:
             lambda: ((s := self.status(job_id))["bytes_done"] > 0 and s) or None,
             f"job {job_id} to report progress",
         )
+
+    def spares_ready(self) -> int:
+        """``sna_spare_clients{state="ready"}`` from /metrics (0 without spares)."""
+        text = self.get("/metrics").text
+        for line in text.splitlines():
+            if line.startswith('sna_spare_clients{state="ready"}'):
+                return int(float(line.split()[-1]))
+        return 0
+
+    def wait_spare_ready(self) -> None:
+        """Poll until a spare client is ready, so the next job surely takes one."""
+        wait_for(lambda: self.spares_ready() > 0, "a spare backup client to be ready")
 
 
 # -- the daemon -------------------------------------------------------------

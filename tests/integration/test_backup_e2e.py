@@ -417,7 +417,9 @@ def test_client_killed_mid_copy_has_its_snapshot_removed_by_the_daemon(
     job = job_ids("sbckill")
     started = sna.api.start(backup_request(tb, "e2ebig", job, targets, "full"))
     wait_running_until(sna.api, job, mid_copy(2000), "bytes copied")
-    assert "--job-id" in cmdline(started["pid"]) and job in cmdline(started["pid"])
+    # Our client, named by the job's log (a spare's argv names no job).
+    assert any(a.endswith("sendense-backup-client") for a in cmdline(started["pid"]))
+    assert f"pid {started['pid']}" in (sna.log_dir / f"backup-{job}.log").read_text()
     os.kill(started["pid"], signal.SIGKILL)
     run = follow(sna.api, job)
     final = run.final

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import pytest
 
 from sna import __version__ as SNA_VERSION
 from tests.integration.harness import (
+    DOUBLE,
     KILL_GRACE,
     START_DEADLINE,
     Daemon,
     JobIds,
     backup_body,
     client_alive,
+    cmdline,
     reaped,
     twistd_command,
     wait_for,
@@ -55,14 +58,18 @@ def test_sigterm_stops_clients_and_marks_jobs_interrupted(
     assert daemon.api.get(f"/api/v1/jobs/{job_id}/status").json()["status"] == "interrupted"
 
 
-@pytest.mark.parametrize("mode", ["hang", "stubborn"])
+@pytest.mark.parametrize(("mode", "spare"), [("hang", False), ("stubborn", False), ("hang", True)])
 def test_sigkill_leaves_client_that_restart_terminates(
-    daemon_factory: DaemonFactory, job_ids: JobIds, mode: str
+    daemon_factory: DaemonFactory, job_ids: JobIds, mode: str, spare: bool
 ) -> None:
-    daemon = daemon_factory()
+    daemon = daemon_factory(extra=() if spare else ("--spare-clients", "0"))
     job_id = job_ids(mode)
+    if spare:
+        daemon.api.wait_spare_ready()
     pid = daemon.api.start(backup_body(job_id, vm=mode))["pid"]
     daemon.api.wait_progress(job_id)
+    # A spare's argv names no job; the job's record keeps its --spare-id instead.
+    assert ("standby" in cmdline(pid)) is spare
 
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     # Nobody told the client: it outlives the daemon.
@@ -73,7 +80,7 @@ def test_sigkill_leaves_client_that_restart_terminates(
     assert status["status"] == "interrupted", status
     assert status["error"]
     assert daemon.api.job_ids("running") == []
-    # The new daemon finds the leftover by its pid and --job-id and stops it
+    # The new daemon finds the leftover by its pid and --job-id (or --spare-id) and stops it
     # (TERM, and KILL after the grace period for the stubborn one).
     wait_for(
         lambda: not client_alive(pid, job_id),
@@ -83,6 +90,78 @@ def test_sigkill_leaves_client_that_restart_terminates(
     assert "terminating leftover backup client" in daemon.output()
     # The daemon stays usable afterwards.
     assert daemon.api.get("/api/v1/health").status == 200
+
+
+def test_a_spare_takes_the_job_over_its_stdin(
+    daemon_factory: DaemonFactory, job_ids: JobIds
+) -> None:
+    """The job goes to the ready spare: no password in its argv or environment, and a
+    new spare replaces it; its output and exit are the job's as with a spawned client."""
+    daemon = daemon_factory()
+    daemon.api.wait_spare_ready()
+    job_id = job_ids("hang")
+    password = "Pw-spare-" + job_id
+    pid = daemon.api.start(backup_body(job_id, vm="hang", password=password))["pid"]
+    daemon.api.wait_progress(job_id)
+    argv = cmdline(pid)
+    assert argv[-3:-1] == ["standby", "--spare-id"], argv
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert password.encode() not in environ
+    assert b"MIGRATEKIT_JOB_ID" not in environ, "started before any job"
+    log_text = daemon.job_log(job_id).read_text()
+    assert f"in spare client pid {pid}" in log_text
+    assert password not in log_text
+    daemon.api.wait_spare_ready()  # the replacement
+
+    assert daemon.api.post(f"/api/v1/jobs/{job_id}/cancel").status == 202
+    status = daemon.api.wait_status(job_id, "cancelled")
+    assert status["exit_code"] == 143
+    wait_for(lambda: reaped(pid, job_id), f"spare {pid} to be reaped")
+
+    # Jobs one after another each get a ready spare, and complete.
+    for n in range(2):
+        daemon.api.wait_spare_ready()
+        done = job_ids(f"ok{n}")
+        daemon.api.start(backup_body(done))
+        assert daemon.api.wait_status(done, "completed", "failed")["status"] == "completed"
+        assert " in spare client pid " in daemon.job_log(done).read_text()
+
+    # Stopping the daemon ends its idle spare too.
+    spares = [p for p in _children_of(daemon) if "standby" in cmdline(p)]
+    assert spares
+    daemon.stop()
+    for spare in spares:
+        wait_for(lambda spare=spare: not cmdline(spare), f"idle spare {spare} to exit")
+
+
+def test_a_client_without_standby_still_runs_jobs(
+    daemon_factory: DaemonFactory, job_ids: JobIds, tmp_path: Path
+) -> None:
+    """A --sbc that does not know `standby` fails as a spare; jobs start their own client."""
+    wrapper = tmp_path / "old-client"
+    wrapper.write_text(
+        f"#!/bin/sh\n[ \"$1\" = standby ] && {{ echo 'unknown command' >&2; exit 2; }}\n"
+        f'exec {sys.executable} {DOUBLE} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    daemon = daemon_factory(sbc=str(wrapper))
+    wait_for(
+        lambda: "exited before it was ready" in daemon.output(), "the spare to fail", deadline=10
+    )
+    job_id = job_ids("ok")
+    daemon.api.start(backup_body(job_id))
+    assert daemon.api.wait_status(job_id, "completed", "failed")["status"] == "completed"
+    assert " sna starting " in daemon.job_log(job_id).read_text()
+    assert "unknown command" in daemon.output()
+
+
+def _children_of(daemon: Daemon) -> list[int]:
+    assert daemon.process is not None
+    try:
+        text = Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
 
 
 def test_missing_client(daemon_factory: DaemonFactory, job_ids: JobIds) -> None:

@@ -18,6 +18,7 @@ from tests.integration.harness import (
     backup_body,
     cmdline,
     double_invocation,
+    job_of,
     reaped,
     wait_for,
 )
@@ -74,7 +75,7 @@ def test_password_goes_to_env_only(daemon_factory: DaemonFactory, job_ids: JobId
 
     argv = cmdline(pid)
     assert argv, "the double should be running"
-    assert "--job-id" in argv and job_id in argv
+    assert job_of(pid) == job_id
     assert password not in "\0".join(argv)
     assert "--vmware-password" not in argv
     for answer in every_answer(daemon, job_id):

@@ -9,6 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from sna.config import PortRange
+from sna.sbc.spare import SparePool
 from sna.service import SnaService
 from sna.tap import Options, makeService
 
@@ -23,6 +24,7 @@ def test_defaults() -> None:
     assert options["max-jobs"] == 8
     assert options["sbc"].argv == ("sendense-backup-client",)
     assert not options["sbc"].legacy
+    assert options["spare-clients"] == 1
 
 
 def test_help_names_every_option() -> None:
@@ -37,6 +39,7 @@ def test_help_names_every_option() -> None:
         "--nbd-hosts",
         "--max-jobs",
         "--kill-grace",
+        "--spare-clients",
     ):
         assert name in text
 
@@ -57,6 +60,9 @@ def test_help_names_every_option() -> None:
         ["--sha-url", "ftp://sha"],
         ["--sha-url", "localhost:8082"],
         ["--vcenter-ca-file", "/nonexistent/ca.pem"],
+        ["--spare-clients", "-1"],
+        ["--spare-clients", "17"],
+        ["--spare-clients", "one"],
     ],
 )
 def test_bad_options(argv: list[str]) -> None:
@@ -75,6 +81,25 @@ def test_make_service_does_no_io(tmp_path: Path) -> None:
     assert reactor.tcpServers == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "spares"),
+    [([], 1), (["--spare-clients", "3"], 3), (["--spare-clients", "0"], 0)],
+)
+def test_spare_clients_are_a_child_service(tmp_path: Path, argv: list[str], spares: int) -> None:
+    options = Options()
+    options.parseOptions(["--state-dir", str(tmp_path), *argv])
+    service = makeService(options, MemoryReactorClock())
+    pools = [s for s in service if isinstance(s, SparePool)]  # type: ignore[attr-defined]
+    assert [p.size for p in pools] == ([spares] if spares else [])
+
+
+def test_the_legacy_client_gets_no_spares(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(["--state-dir", str(tmp_path), "--sbc-legacy", "--sbc", "/opt/mk"])
+    service = makeService(options, MemoryReactorClock())
+    assert not [s for s in service if isinstance(s, SparePool)]  # type: ignore[attr-defined]
+
+
 def test_start_and_stop(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(
@@ -85,6 +110,8 @@ def test_start_and_stop(tmp_path: Path) -> None:
             "/proc/forbidden/log",
             "--listen",
             "tcp:0:interface=127.0.0.1",
+            "--spare-clients",
+            "0",
         ]
     )
     reactor = MemoryReactorClock()

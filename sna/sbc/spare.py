@@ -1,0 +1,291 @@
+"""Spare backup clients: started before any job, so a job does not wait for Python's imports.
+
+A spare is our client run as ``standby --spare-id ID`` (:mod:`sna.standby`).
+:class:`SparePool` is a service that keeps ``size`` of them: it starts them,
+notices when one is ready (its first stdout line), hands a ready one to the
+launcher for a job and starts a replacement.  A spare that is never used is
+retired after :data:`MAX_AGE`, so an upgraded client is picked up without a
+restart of sna.
+
+A spare that exits before it is ready (a client without ``standby``, a
+broken installation) is logged with its last stderr line; after
+:data:`MAX_FAILURES` such exits in a row the pool stops trying and every job
+starts its own client, as without spares.  Nothing here touches a job: until
+the handover a spare's output goes to the daemon's log.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sna import standby
+
+#: An unused spare is replaced after this many seconds.
+MAX_AGE = 3600.0
+#: Spares that die before they are ready, in a row, before the pool gives up.
+MAX_FAILURES = 3
+#: Seconds before starting again after a spare died before it was ready.
+RETRY_DELAY = 5.0
+#: Seconds a spare has to exit after its stdin is closed, before TERM.
+STOP_GRACE = 2.0
+#: Output a spare may print before it is ready (a traceback, at most).
+MAX_EARLY_OUTPUT = 64 * 1024
+
+
+class SpareProtocol(ProcessProtocol):
+    """One spare: waits for its ready line, then forwards everything to its job's protocol."""
+
+    log = Logger()
+
+    def __init__(self, pool: SparePool, spare_id: str, started: float) -> None:
+        self.pool = pool
+        self.spare_id = spare_id
+        self.pid: Optional[int] = None
+        self.started = started
+        self.ready = False
+        self.ended = False
+        self.job: Optional[ProcessProtocol] = None
+        self._out = b""
+        self._err = b""
+        self.retire_call: Optional[IDelayedCall] = None
+        self.gone: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        pass  # stdin stays open: the job comes that way
+
+    def outReceived(self, data: bytes) -> None:
+        if self.job is not None:
+            self.job.outReceived(data)
+            return
+        self._out = (self._out + data)[-MAX_EARLY_OUTPUT:]
+        line, newline, _ = self._out.partition(b"\n")
+        if not newline or self.ready:
+            return
+        if line.rstrip(b"\r") == standby.READY_LINE:
+            self._out = b""
+            self.ready = True
+            self.pool._spare_ready(self)
+        else:
+            self.log.warn(
+                "spare backup client pid {pid} printed {line!r} instead of its ready line; "
+                "stopping it",
+                pid=self.pid,
+                line=line[:200],
+            )
+            self.stop()
+
+    def errReceived(self, data: bytes) -> None:
+        if self.job is not None:
+            self.job.errReceived(data)
+            return
+        self._err = (self._err + data)[-MAX_EARLY_OUTPUT:]
+
+    def last_error(self) -> str:
+        lines = [x.strip() for x in self._err.decode("utf-8", "replace").splitlines()]
+        lines = [x for x in lines if x]
+        return lines[-1] if lines else "no output"
+
+    def hand_over(
+        self, argv: Sequence[str], env: Mapping[str, str], protocol: ProcessProtocol
+    ) -> IProcessTransport:
+        """Give this spare its job; from now on ``protocol`` sees all it does."""
+        transport = self.transport
+        assert transport is not None and self.ready and not self.ended
+        self.job = protocol
+        if self.retire_call is not None and self.retire_call.active():
+            self.retire_call.cancel()
+        transport.write(standby.encode_job(argv, env))
+        # The job's protocol closes stdin in its connectionMade, after the line is flushed.
+        protocol.makeConnection(transport)
+        return transport
+
+    def stop(self) -> None:
+        """End an unused spare: end of file on its stdin, which it takes as "not needed"."""
+        if self.transport is not None and not self.ended:
+            self.transport.closeStdin()
+
+    def terminate(self) -> None:
+        if self.transport is not None and not self.ended:
+            try:
+                self.transport.signalProcess("TERM")
+            except ierror.ProcessExitedAlready:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        if self.retire_call is not None and self.retire_call.active():
+            self.retire_call.cancel()
+        try:
+            if self.job is not None:
+                self.job.processEnded(reason)
+            else:
+                self.pool._spare_ended(self, reason)
+        finally:
+            self.gone.callback(None)
+
+
+class SparePool(Service):
+    """Keeps ``size`` spare clients started and ready; :meth:`take` hands one out."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        clock: IReactorTime,
+        executable: Any,
+        prefix: Sequence[str],
+        env: Mapping[str, str],
+        size: int = 1,
+    ) -> None:
+        """``executable`` is a callable giving the program's path (or raising, see
+        :meth:`sna.sbc.process.ClientCommand.executable`); ``prefix`` the
+        arguments before ``standby``; ``env`` the spares' whole environment."""
+        self._reactor = reactor
+        self._clock = clock
+        self._executable = executable
+        self._prefix = tuple(prefix)
+        self._env = dict(env)
+        self.size = size
+        self.spares: list[SpareProtocol] = []
+        self._failures = 0
+        self.disabled: Optional[str] = None
+        self._retry: Optional[IDelayedCall] = None
+
+    # -- the service --------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._fill()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        spares, self.spares = self.spares, []
+        for spare in spares:
+            spare.stop()
+        terms = [self._clock.callLater(STOP_GRACE, spare.terminate) for spare in spares]
+
+        def stopped(result: object) -> object:
+            for call in terms:
+                if call.active():
+                    call.cancel()
+            return result
+
+        return DeferredList([s.gone for s in spares if not s.ended]).addBoth(stopped)
+
+    # -- handing out ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Spares by state, for /metrics: ``starting`` (importing) and ``ready``."""
+        ready = sum(1 for s in self.spares if s.ready and not s.ended)
+        return {"starting": len(self.spares) - ready, "ready": ready}
+
+    def take(self) -> Optional[SpareProtocol]:
+        """A ready spare, now no longer the pool's, or ``None``; a replacement is started."""
+        for spare in self.spares:
+            if spare.ready and not spare.ended:
+                self.spares.remove(spare)
+                self._fill()
+                return spare
+        return None
+
+    def _fill(self) -> None:
+        while self.running and self.disabled is None and len(self.spares) < self.size:
+            if self._retry is not None and self._retry.active():
+                return
+            if not self._start_one():
+                return
+
+    def _start_one(self) -> bool:
+        try:
+            executable = self._executable()
+        except Exception as e:
+            self.log.warn("cannot start a spare backup client: {reason}", reason=str(e))
+            self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
+            return False
+        spare_id = secrets.token_hex(8)
+        spare = SpareProtocol(self, spare_id, self._clock.seconds())
+        args = [
+            executable,
+            *self._prefix,
+            standby.COMMAND,
+            standby.SPARE_ID_OPTION,
+            spare_id,
+        ]
+        try:
+            transport = self._reactor.spawnProcess(
+                spare, executable, args, env=self._env, path=None
+            )
+        except OSError as e:
+            self.log.warn(
+                "cannot start a spare backup client {exe}: {reason}", exe=executable, reason=e
+            )
+            self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
+            return False
+        spare.pid = transport.pid
+        self.spares.append(spare)
+        spare.retire_call = self._clock.callLater(MAX_AGE, self._retire, spare)
+        self.log.debug("spare backup client pid {pid} started", pid=spare.pid)
+        return True
+
+    def _retire(self, spare: SpareProtocol) -> None:
+        if spare in self.spares:
+            self.log.info("retiring spare backup client pid {pid} (unused)", pid=spare.pid)
+            self.spares.remove(spare)
+            spare.stop()
+            self._fill()
+
+    # -- what spares do -----------------------------------------------------------------------
+
+    def _spare_ready(self, spare: SpareProtocol) -> None:
+        self._failures = 0
+        self.log.debug("spare backup client pid {pid} ready", pid=spare.pid)
+
+    def _spare_ended(self, spare: SpareProtocol, reason: Failure) -> None:
+        was_ours = spare in self.spares
+        if was_ours:
+            self.spares.remove(spare)
+        if not self.running:
+            return
+        if spare.ready:
+            if was_ours:
+                self.log.warn(
+                    "spare backup client pid {pid} exited while waiting: {reason}",
+                    pid=spare.pid,
+                    reason=reason.getErrorMessage(),
+                )
+            self._fill()
+            return
+        self._failures += 1
+        self.log.warn(
+            "spare backup client pid {pid} exited before it was ready ({reason}): {last}",
+            pid=spare.pid,
+            reason=reason.getErrorMessage(),
+            last=spare.last_error(),
+        )
+        if self._failures >= MAX_FAILURES:
+            self.disabled = spare.last_error()
+            self.log.warn(
+                "no spare backup clients after {count} failures in a row; each job starts "
+                "its own client",
+                count=self._failures,
+            )
+            return
+        self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
