@@ -418,7 +418,7 @@ class BackupJob:
         if options.reader == "folder":
             cookie = await self._call(session.session_cookie)
             datacenter = await self._call(session.datacenter_path, self._vm)
-            policy = tls.https_policy(options.tls)
+            context = tls.ssl_context(options.tls)
         elif options.reader == "vddk":
             servers = await self._vddk_servers()
         for run in self._disks:
@@ -426,11 +426,12 @@ class BackupJob:
             if options.reader == "folder":
                 reader = FolderReader(
                     self._reactor,
-                    base_url=f"https://{_host_for_url(options.host)}:{options.port}",
+                    host=options.host,
+                    port=options.port,
                     datacenter=datacenter,
                     disk=run.disk,
                     cookie=cookie,
-                    policy=policy,
+                    context=context,
                     connections=options.reads_in_flight,
                     io_timeout=options.io_timeout,
                 )
@@ -721,7 +722,3 @@ class BackupJob:
 
 def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
-
-
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

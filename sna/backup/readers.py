@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import posixpath
 import re
+import ssl
 import urllib.parse
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUNIX
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestGenerationFailed,
-    ResponseDone,
-    ResponseFailed,
-)
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import Attribute, Interface, implementer
 
+from sna.backup.https import HttpError, RangeConnection
 from sna.backup.options import NbdAddress
 from sna.backup.vsphere import SnapshotDisk
 from sna.nbd.client import NBDClient, NBDClientProtocol, connect
@@ -57,6 +49,10 @@ _CREATE_TYPE = re.compile(r'^createType\s*=\s*"([^"]*)"', re.MULTILINE)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
+#: What a read gives: ``bytes``, or the ``bytearray`` a body was received into.
+Buffer = Union[bytes, bytearray]
+
+
 class ReaderError(Exception):
     """The source cannot be read; the message says which disk, where and why."""
 
@@ -71,8 +67,10 @@ class IDiskReader(Interface):
     def open() -> Deferred[None]:
         """Check the source can be read (probe); fails with :class:`ReaderError`."""
 
-    def read(offset: int, length: int) -> Deferred[bytes]:
-        """Exactly ``length`` bytes from ``offset``, or a :class:`ReaderError`."""
+    def read(offset: int, length: int) -> Deferred[Buffer]:
+        """Exactly ``length`` bytes from ``offset``, or a :class:`ReaderError`.
+
+        The buffer is the caller's from then on (nothing reuses it)."""
 
     def close() -> Deferred[None]:
         """Release connections after the last read."""
@@ -102,81 +100,48 @@ def parse_descriptor(text: str, descriptor_path: str) -> tuple[str, int, int]:
     return flat, int(extent.group(2)) * 512, offset_sectors * 512
 
 
-class _Collect(Protocol):
-    """A response body into memory, refusing more than expected."""
-
-    def __init__(self, expected: int, done: Deferred[bytes]) -> None:
-        self._expected = expected
-        self._parts: list[bytes] = []
-        self._received = 0
-        self._done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > self._expected:
-            if not self._done.called:
-                self._done.errback(
-                    ReaderError(f"the server sent more than the {self._expected} bytes asked for")
-                )
-            assert self.transport is not None
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._done.called:
-            return
-        if reason.check(ResponseDone):
-            self._done.callback(b"".join(self._parts))
-        else:
-            self._done.errback(ReaderError(f"the download broke off: {reason.getErrorMessage()}"))
-
-
-class _Discard(Protocol):
-    """Drops a body we do not want (a 200 with the whole file, an error page) at once."""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        pass
-
-
 class _Retryable(ReaderError):
     """A failure worth another try (throttling, a dropped connection)."""
 
 
 @implementer(IDiskReader)
 class FolderReader:
-    """``https://{vcenter}/folder/{path}?dcPath=..&dsName=..`` with ``Range`` requests."""
+    """``https://{vcenter}/folder/{path}?dcPath=..&dsName=..`` with ``Range`` requests.
+
+    Each request runs on a :class:`~sna.backup.https.RangeConnection` of the
+    reader's own, kept alive between requests, and its body is read straight
+    into the buffer the read returns.  Callers keep at most ``connections``
+    reads in flight (the copier's workers); each has a connection then.
+    """
 
     def __init__(
         self,
         reactor: Any,
         *,
-        base_url: str,
+        host: str,
+        port: int,
         datacenter: str,
         disk: SnapshotDisk,
         cookie: str,
-        policy: IPolicyForHTTPS,
+        context: ssl.SSLContext,
         connections: int,
         io_timeout: float,
         retries: int = 3,
         max_request: int = 32 << 20,
     ) -> None:
         self._reactor = reactor
-        self._base = base_url.rstrip("/")
+        self._host = host
+        self._port = port
+        self._base = f"https://{_host_for_url(host)}:{port}"
         self._datacenter = datacenter
         self._disk = disk
         self._cookie = cookie
+        self._context = context
         self._timeout = io_timeout
         self._retries = retries
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = connections
-        self._pool.retryAutomatically = False  # we retry ourselves, counting attempts
-        self._agent = Agent(reactor, contextFactory=policy, pool=self._pool)
-        self._pending: set[Deferred[Any]] = set()
+        self._connections = connections
+        self._idle: list[RangeConnection] = []
+        self._open_connections: set[RangeConnection] = set()
         self._aborted = False
         self.max_request = max_request
         self.size = 0
@@ -184,13 +149,40 @@ class FolderReader:
         self._offset = 0
         self.description = f"{self._base}/folder/ [{disk.datastore}] {disk.path}"
 
-    def _url(self, path: str) -> bytes:
+    def _target(self, path: str) -> str:
         query = urllib.parse.urlencode({"dcPath": self._datacenter, "dsName": self._disk.datastore})
-        return f"{self._base}/folder/{urllib.parse.quote(path)}?{query}".encode("ascii")
+        return f"/folder/{urllib.parse.quote(path)}?{query}"
+
+    async def _connection(self) -> RangeConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+            self._open_connections.discard(conn)
+        try:
+            conn = await RangeConnection.open(
+                self._reactor, self._host, self._port, self._context, self._timeout
+            )
+        except HttpError as e:
+            raise _Retryable(str(e)) from None
+        self._open_connections.add(conn)
+        if self._aborted:
+            conn.close()
+            raise ReaderError("the reader was aborted")
+        return conn
+
+    def _done_with(self, conn: RangeConnection) -> None:
+        if conn.closed:
+            self._open_connections.discard(conn)
+        elif len(self._idle) < self._connections:
+            self._idle.append(conn)
+        else:
+            conn.close()
+            self._open_connections.discard(conn)
 
     async def _get_range(
         self, path: str, start: int, length: int, *, exact: bool
-    ) -> tuple[bytes, int]:
+    ) -> tuple[Buffer, int]:
         """``length`` bytes of ``path`` from ``start``: (body, the file's total size).
 
         ``exact`` demands ``206`` with exactly that range; otherwise a short
@@ -198,68 +190,48 @@ class FolderReader:
         fine, which is how the small descriptor is fetched.
         """
         end = start + length - 1
-        headers = Headers(
-            {
-                b"Cookie": [self._cookie.encode("latin-1")],
-                b"Range": [f"bytes={start}-{end}".encode("ascii")],
-                b"User-Agent": [b"sendense-backup-client"],
-            }
-        )
-        url = self._url(path)
-        request = self._agent.request(b"GET", url, headers)
-        self._pending.add(request)
+        headers = {
+            "Cookie": self._cookie,
+            "Range": f"bytes={start}-{end}",
+            "User-Agent": "sendense-backup-client",
+        }
+        buffer = bytearray(length)
+        conn = await self._connection()
         try:
-            response: IResponse = await request.addTimeout(self._timeout, self._reactor)
-        except Exception as e:
-            raise _Retryable(f"GET {path} bytes {start}-{end}: {_reason(e)}") from None
+            response = await conn.get(self._target(path), headers, memoryview(buffer))
+        except HttpError as e:
+            raise _Retryable(f"GET {path} bytes {start}-{end}: {e}") from None
         finally:
-            self._pending.discard(request)
-        status = response.code
+            self._done_with(conn)
+        status = response.status
         if status == 503:
-            response.deliverBody(_Discard())
             raise _Retryable(f"GET {path}: 503 (the server is throttling)")
-        if status == 200 and not exact and response.length != -1 and response.length <= length:
-            body = await self._body(response, length, path)
-            return body, len(body)
+        if status == 200 and not exact and response.body:
+            return bytes(buffer[: response.body]), response.body
         if status != 206:
-            response.deliverBody(_Discard())
             raise ReaderError(
                 f"GET {path} with Range bytes={start}-{end} answered {status} "
-                f"{response.phrase.decode('latin-1', 'replace')}, not 206 Partial Content"
+                f"{response.reason}, not 206 Partial Content"
             )
-        ranges = response.headers.getRawHeaders(b"content-range") or []
-        match = _CONTENT_RANGE.match(ranges[0].decode("latin-1")) if len(ranges) == 1 else None
+        content_range = response.headers.get("content-range", "")
+        match = _CONTENT_RANGE.match(content_range)
         if match is None:
-            response.deliverBody(_Discard())
-            raise ReaderError(f"GET {path}: 206 without a valid Content-Range ({ranges!r})")
+            raise ReaderError(f"GET {path}: 206 without a valid Content-Range ({content_range!r})")
         got_start, got_end = int(match.group(1)), int(match.group(2))
         file_size = int(match.group(3)) if match.group(3) != "*" else -1
         if got_start != start or (exact and got_end != end) or got_end > end:
-            response.deliverBody(_Discard())
             raise ReaderError(
                 f"GET {path}: asked for bytes {start}-{end}, got {got_start}-{got_end}"
             )
-        body = await self._body(response, got_end - got_start + 1, path)
-        if len(body) != got_end - got_start + 1:
-            raise _Retryable(f"GET {path}: {len(body)} bytes for range {got_start}-{got_end}")
-        return body, file_size
-
-    async def _body(self, response: IResponse, expected: int, path: str) -> bytes:
-        done: Deferred[bytes] = Deferred()
-        response.deliverBody(_Collect(expected, done))
-        self._pending.add(done)
-        try:
-            return await done.addTimeout(self._timeout, self._reactor)
-        except ReaderError as e:
-            raise _Retryable(f"GET {path}: {e}") from None
-        except Exception as e:
-            raise _Retryable(f"GET {path}: {_reason(e)}") from None
-        finally:
-            self._pending.discard(done)
+        if response.body != got_end - got_start + 1:
+            raise _Retryable(f"GET {path}: {response.body} bytes for range {got_start}-{got_end}")
+        if response.body == length:
+            return buffer, file_size
+        return bytes(buffer[: response.body]), file_size
 
     async def _with_retries(
         self, path: str, start: int, length: int, exact: bool
-    ) -> tuple[bytes, int]:
+    ) -> tuple[Buffer, int]:
         delay = 0.5
         attempt = 0
         while True:
@@ -326,31 +298,33 @@ class FolderReader:
     def open(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._open())
 
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        async def go() -> bytes:
+    def read(self, offset: int, length: int) -> Deferred[Buffer]:
+        async def go() -> Buffer:
             body, _ = await self._with_retries(self.flat_path, self._offset + offset, length, True)
             return body
 
         return Deferred.fromCoroutine(go())
 
     def close(self) -> Deferred[None]:
-        closed: Deferred[None] = self._pool.closeCachedConnections()
-        return closed
+        for conn in list(self._open_connections):
+            conn.close()
+        self._open_connections.clear()
+        self._idle.clear()
+        return succeed(None)
 
     def abort(self) -> None:
         self._aborted = True
-        for d in list(self._pending):
-            d.cancel()
-        self._pool.closeCachedConnections()
+        self.close()
 
 
 def _reason(error: BaseException) -> str:
     if isinstance(error, (TimeoutError, CancelledError)):
         return "no answer in time (or cancelled)"
-    if isinstance(error, (ResponseFailed, RequestGenerationFailed)):
-        reasons = getattr(error, "reasons", [])
-        return "; ".join(r.getErrorMessage() for r in reasons) or str(error)
     return f"{type(error).__name__}: {error}"
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 # -- the NBD reader ------------------------------------------------------------------------
@@ -435,14 +409,15 @@ class NbdReader:
     def open(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._open())
 
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
+    def read(self, offset: int, length: int) -> Deferred[Buffer]:
         assert self._client is not None, "read before open"
 
         def failed(failure: Failure) -> Failure:
             # The copier says which disk, offset and source; this says what NBD said.
             return Failure(ReaderError(str(failure.value)))
 
-        return self._client.read(offset, length).addErrback(failed)
+        d: Deferred[Buffer] = self._client.read(offset, length)  # type: ignore[assignment]
+        return d.addErrback(failed)
 
     def close(self) -> Deferred[None]:
         if self._client is None:

@@ -1,4 +1,4 @@
-"""How the client trusts vCenter: one setting, applied to pyVmomi and to Twisted's HTTP client.
+"""How the client trusts vCenter: one setting, one :mod:`ssl` context for SOAP and ``/folder``.
 
 Four ways, one of them per run:
 
@@ -13,29 +13,21 @@ Four ways, one of them per run:
 The first that is given wins, in that order.
 
 Always an explicit context: pyVmomi makes an unverified one by itself for
-127.0.0.1/localhost when given none.  This module builds contexts and
-policies; it opens no connection.
+127.0.0.1/localhost when given none.  This module builds contexts; only
+:func:`server_thumbprint` opens a connection.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import socket
 import ssl
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
-from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
-from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 _DIGESTS = {20: "sha1", 32: "sha256", 64: "sha512"}
-_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def normalise_thumbprint(text: str) -> str:
@@ -128,56 +120,3 @@ def ssl_context(settings: TlsSettings) -> ssl.SSLContext:
             context.sslsocket_class = _pinned_socket_class(settings.thumbprint)
         return context
     return ssl.create_default_context(cafile=settings.ca_file)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _Creator:
-    """pyOpenSSL connections that pin a certificate, or check nothing."""
-
-    def __init__(self, hostname: str, thumbprint: Optional[str]) -> None:
-        self._thumbprint = thumbprint
-        self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
-        try:
-            ipaddress.ip_address(hostname)
-            self._sni: Optional[bytes] = None
-        except ValueError:
-            self._sni = hostname.encode("idna")
-
-    def _verify(
-        self, connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
-    ) -> bool:
-        if depth != 0 or self._thumbprint is None:
-            return True  # only the leaf is pinned; --insecure accepts everything
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
-        return matches(self._thumbprint, der)
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        connection.set_app_data(tlsProtocol)
-        if self._sni is not None:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
-
-
-@implementer(IPolicyForHTTPS)
-class _PinnedPolicy:
-    def __init__(self, thumbprint: Optional[str]) -> None:
-        self._thumbprint = thumbprint
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> _Creator:
-        return _Creator(hostname.decode("ascii"), self._thumbprint)
-
-
-def https_policy(settings: TlsSettings) -> IPolicyForHTTPS:
-    """The policy for Twisted's ``Agent`` (the datastore ``/folder`` reader)."""
-    if settings.insecure or settings.thumbprint:
-        return _PinnedPolicy(settings.thumbprint)
-    if settings.ca_file:
-        with open(settings.ca_file, "rb") as f:
-            pems = _PEM.findall(f.read())
-        if not pems:
-            raise ValueError(f"{settings.ca_file} holds no PEM certificate")
-        root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in pems])
-        return BrowserLikePolicyForHTTPS(trustRoot=root)
-    return BrowserLikePolicyForHTTPS()

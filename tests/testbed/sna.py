@@ -91,6 +91,28 @@ class Sna:
             raise SnaError(f"{method} {path}: HTTP {answer.status}: {raw.decode()[:500]}")
         return json.loads(raw)
 
+    def metric(self, name: str) -> float:
+        """One sample of ``/metrics`` (``name`` with its labels, as printed); 0 if absent."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def wait_spare(self, deadline: float = 10.0) -> bool:
+        """Wait until a spare client is ready (as on an idle appliance); False if none came."""
+        end = time.monotonic() + deadline
+        while self.metric('sna_spare_clients{state="ready"}') < 1:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
+
     def stop(self) -> None:
         """SIGTERM, and SIGKILL if it has not stopped within a minute."""
         if self.process.poll() is None:

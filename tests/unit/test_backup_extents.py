@@ -163,3 +163,7 @@ def test_zero_detection_reads_every_byte() -> None:
     assert not is_zero(bytes(first))
     assert not is_zero(bytearray(b"\0\0\1"))
     assert is_zero(memoryview(bytes(513)))
+    # A body received into a bytearray is checked as it is, every byte.
+    assert is_zero(bytearray(chunk))
+    assert not is_zero(last) and not is_zero(between) and not is_zero(first)
+    assert not is_zero(memoryview(last))
