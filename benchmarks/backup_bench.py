@@ -46,6 +46,9 @@ What is measured, and how:
   client): from ``/proc/<pid>/stat`` before and after.  nbdcopy's from
   ``wait4``.
 - CPU figures are seconds per GiB of disk capacity (medians).
+- **busy cores**: the whole machine's busy CPU time (``/proc/stat``: every
+  process, the kernel's writeback and network work) over the run's wall
+  time; 2.00 on this 2-CPU machine means nothing was left idle.
 
 Ratios are medians of the per-round ratios against nbdcopy of the same VM
 (``wall`` ratio: e2e; ``copy`` ratio: the client's copy time against
@@ -108,6 +111,13 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     return (utime + stime) / TICK, (cutime + cstime) / TICK
 
 
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (all CPUs; /proc/stat, not idle or iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
 def cmdline(pid: int) -> list[str]:
     """A process's argv; empty if it is gone."""
     try:
@@ -137,7 +147,8 @@ class BenchSna(Sna):
         """Where a one-disk job's time went, from the daemon's timestamps in its job log.
 
         ``spawn``: request to client started (validation, NBD probe, relay);
-        ``start-up``: to the client's first event (Python, imports);
+        ``start-up``: to the client's first event (Python and its imports, or
+        only the handover when a spare client took the job);
         ``prepare``: to its ``disk_start`` (login, CBT, snapshot, areas, connecting);
         ``copy``: to its ``disk_done`` (reads, writes, FLUSH);
         ``finish``: to the client's exit (snapshot removal, exit).
@@ -156,6 +167,13 @@ class BenchSna(Sna):
             "copy": done - started,
             "finish": ended - done,
         }
+
+    def took_spare(self, job_id: str) -> bool:
+        """Whether the job went to a spare client (started before the request)."""
+        return any(
+            s == "sna" and text.startswith("starting ") and " in spare client pid " in text
+            for _, s, text in self.job_log(job_id)
+        )
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL after 60 s."""
@@ -183,6 +201,8 @@ class Sample:
     server_cpu: float = 0.0
     vcsim_cpu: float = 0.0
     bytes_to_hub: int = 0
+    #: Busy CPU seconds of the whole machine over the run (kernel writeback included).
+    busy: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -243,14 +263,18 @@ def sna_job(
     }
     if previous is not None:
         body["previous_change_id"] = previous
+    # A running appliance has its spare client ready between jobs; wait for it as the
+    # SHA would have (the spare's start-up CPU is still counted: it is reaped with the job).
+    spare_ready = sna.wait_spare()
     vcsim = vcsim_pid(testbed)
     daemon0, server0, vcsim0 = proc_cpu(sna.pid), proc_cpu(target["pid"]), proc_cpu(vcsim)
+    busy0 = machine_busy()
     start = time.time()
     started = sna.call("POST", "/api/v1/backup/start", body)
     client, seen = started["pid"], 0.0
     end = time.monotonic() + JOB_DEADLINE
     while True:
-        if job_id in cmdline(client):
+        if any(a.endswith("sendense-backup-client") for a in cmdline(client)):
             seen = max(seen, sum(proc_cpu(client)))
         status: dict[str, Any] = sna.call("GET", f"/api/v1/status/{job_id}")
         if status["status"] != "running":
@@ -259,6 +283,7 @@ def sna_job(
             raise SystemExit(f"{job_id} still running after {JOB_DEADLINE:g} s")
         time.sleep(POLL)
     daemon1, server1, vcsim1 = proc_cpu(sna.pid), proc_cpu(target["pid"]), proc_cpu(vcsim)
+    busy1 = machine_busy()
     if status["status"] != "completed":
         raise SystemExit(f"{job_id} ended {status['status']}: {status['error']}")
     (done,) = [e for _, e in sna.job_events(job_id) if e["event"] == "disk_done"]
@@ -272,10 +297,12 @@ def sna_job(
         server_cpu=server1[0] - server0[0],
         vcsim_cpu=vcsim1[0] - vcsim0[0],
         bytes_to_hub=int(disk["bytes_to_hub"]),
+        busy=busy1 - busy0,
         extra={
             "sync_type": disk["sync_type"],
             "bytes_total": disk["bytes_total"],
             "timeline": sna.timeline(job_id, start),
+            "spare": spare_ready and sna.took_spare(job_id),
         },
     )
     return sample, status
@@ -284,6 +311,7 @@ def sna_job(
 def nbdcopy_job(flat: str, target: dict[str, Any]) -> Sample:
     """``nbdcopy --flush`` of the flat file into the target; CPU from ``wait4``."""
     server0 = proc_cpu(target["pid"])
+    busy0 = machine_busy()
     start = time.perf_counter()
     proc = subprocess.Popen(
         ["nbdcopy", "--flush", flat, target["nbd_url"]], stdout=subprocess.DEVNULL
@@ -299,6 +327,7 @@ def nbdcopy_job(flat: str, target: dict[str, Any]) -> Sample:
         copy=wall,
         tool_cpu=usage.ru_utime + usage.ru_stime,
         server_cpu=server1[0] - server0[0],
+        busy=machine_busy() - busy0,
     )
 
 
@@ -370,9 +399,11 @@ def median(values: list[float]) -> float:
 def timeline(samples: list[Sample]) -> str:
     """Median seconds of each part of the sna jobs' time (see ``Sna.timeline``)."""
     parts = samples[0].extra["timeline"].keys()
-    return ", ".join(
+    spares = sum(1 for s in samples if s.extra.get("spare"))
+    times = ", ".join(
         f"{part} {median([s.extra['timeline'][part] for s in samples]):.3f} s" for part in parts
     )
+    return f"{times}; {spares} of {len(samples)} jobs taken by a spare client"
 
 
 def report(
@@ -390,7 +421,7 @@ def report(
     print(
         f"{'disk':9} {'variant':8} {'MiB/s med (min-max)':>21} {'ratio':>6} {'(range)':>13}"
         f" {'copy MiB/s':>10} {'ratio':>6}   CPU s/GiB: {'tool':>5} {'daemon':>6}"
-        f" {'qemu-nbd':>8} {'vcsim':>5}"
+        f" {'qemu-nbd':>8} {'vcsim':>5}  busy cores"
     )
     verdicts = []
     for vm in VMS:
@@ -417,6 +448,7 @@ def report(
                     if variant == "sna"
                     else f" {'-':>5}"
                 )
+                + f"  {median([s.busy / s.wall for s in runs_]):4.2f}"
             )
             if variant == "sna":
                 want = TARGET_RATIO[vm]
