@@ -202,7 +202,8 @@ class SparePool(Service):
         for spare in self.spares:
             if spare.ready and not spare.ended:
                 self.spares.remove(spare)
-                self._fill()
+                # After the handover: the job's start does not wait for a fork.
+                self._clock.callLater(0, self._fill)
                 return spare
         return None
 

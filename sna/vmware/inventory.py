@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -251,6 +252,8 @@ def find_vm_by_id(conn: Connection, vm_id: str) -> str:
         raise InvalidVSphereRequest(
             "vm_id", "vm_id must be a VM's BIOS UUID (/discover's id), instance UUID or moref"
         )
+    # vCenter keeps UUIDs in lower case with dashes and may match only that spelling.
+    vm_id = str(uuid.UUID(vm_id))
     index = conn.content.searchIndex
     for instance in (False, True):
         try:

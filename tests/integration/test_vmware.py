@@ -496,6 +496,18 @@ async def test_power_off_asks_the_guest_when_tools_run(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_uuid_is_found_in_any_case_and_without_dashes(
+    vsphere: VSphere, creds: Credentials, testbed: Testbed
+) -> None:
+    vm_id = testbed.vm("pgtest1")["uuid"]
+    expected = await vsphere.power_state(creds, vm_id)
+    for spelling in (vm_id.upper(), vm_id.replace("-", ""), vm_id.upper().replace("-", "")):
+        state = await vsphere.power_state(creds, spelling)
+        assert state.pop("vm_id") == spelling, "the answer names the VM as asked"
+        assert state == {k: v for k, v in expected.items() if k != "vm_id"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unknown_vm_id_is_not_found(vsphere: VSphere, creds: Credentials) -> None:
     unknown = "00000000-1111-2222-3333-444444444444"
     with pytest.raises(NotFound, match=unknown):

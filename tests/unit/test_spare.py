@@ -103,6 +103,8 @@ def test_a_ready_spare_is_handed_out_once_and_replaced() -> None:
     ready(first)
     spare = pool.take()
     assert spare is not None and spare.transport is first
+    assert len(reactor.spawned) == 1, "not before the job is handed over"
+    reactor.advance(0)
     assert len(reactor.spawned) == 2, "a replacement starts at once"
     assert pool.take() is None, "the replacement is not ready yet"
     ids = {a[4] for _, a, _ in reactor.spawned}
@@ -226,6 +228,7 @@ def test_a_job_goes_to_a_ready_spare_over_its_stdin(
     assert argv[0] == "migrate"
     assert env == {"MIGRATEKIT_JOB_ID": "backup-vm-1", "SNA_VCENTER_PASSWORD": "pa55 word"}
     assert spare_transport.stdin_closed, "one job per spare"
+    reactor.advance(0)
     assert len(reactor.spawned) == 2, "a new spare replaces it"
 
     # From now on the spare's output and exit are the job's.
