@@ -40,6 +40,7 @@ from sna.vmware.inventory import (
     find_vm_by_id,
     find_vm_by_path,
     moid,
+    path_of,
     read_vms,
     retrieve_one,
     select_vms,
@@ -286,13 +287,20 @@ class VSphere:
         }
 
     async def _cbt_status(self, credentials: Credentials, vm_path: str) -> dict[str, Any]:
-        def work(conn: Connection) -> Properties:
-            return retrieve_one(conn, VM, find_vm_by_path(conn, vm_path), CBT_PROPERTIES)
+        def work(conn: Connection) -> tuple[str, Properties]:
+            ident = find_vm_by_path(conn, vm_path)
+            if "/" in vm_path.strip("/"):
+                return vm_path, retrieve_one(conn, VM, ident, CBT_PROPERTIES)
+            # A bare name: the answer gives the VM's inventory path, as /discover would.
+            props = retrieve_one(conn, VM, ident, (*CBT_PROPERTIES, "parent", "parentVApp"))
+            parent = props.get("parentVApp") or props.get("parent")
+            parent_id = moid(parent) if parent is not None else None
+            return path_of(entity_tree(conn), parent_id, props.get("name", ""))[0], props
 
-        return cbt_record(
-            vm_path,
-            await self._sessions.run(credentials, work, f"reading the CBT status of {vm_path}"),
+        path, props = await self._sessions.run(
+            credentials, work, f"reading the CBT status of {vm_path}"
         )
+        return cbt_record(path, props)
 
     async def _enable_cbt(self, credentials: Credentials, vm_path: str) -> dict[str, Any]:
         """Turn CBT on with a reconfiguration; refused (409) while the VM has snapshots.

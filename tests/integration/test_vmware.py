@@ -340,6 +340,9 @@ async def test_an_unknown_vm_path_is_not_found(vsphere: VSphere, creds: Credenti
 async def test_a_bare_name_finds_its_vm(vsphere: VSphere, creds: Credentials) -> None:
     status = await vsphere.cbt_status(creds, "/pgtest10")
     assert status["vm_name"] == "pgtest10"
+    assert status["vm_path"] == "/DC0/vm/pgtest10", "the real inventory path, not the name"
+    status = await vsphere.cbt_status(creds, "DC0/vm/pgtest10")
+    assert status["vm_path"] == "DC0/vm/pgtest10"
 
 
 # -- spec changes ------------------------------------------------------------------------
