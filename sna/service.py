@@ -65,6 +65,9 @@ class SnaService(MultiService):
         self._log_dir.resolve()
         self._pool.start()
         self.recovered = self.manager.recover()
+        if self._notifier is not None:
+            # Final states an earlier run could not deliver go out again.
+            self._notifier.start()
         self.log.info(
             "sna started: state in {state}, job logs in {logs}",
             state=self._state_dir.path,
@@ -83,6 +86,9 @@ class SnaService(MultiService):
             d.addBoth(lambda _: notifier.wait().addTimeout(SHA_PUSH_GRACE, self._clock))
 
         def closed(result: object) -> None:
+            if self._notifier is not None:
+                # What the SHA has not taken stays in the outbox for the next start.
+                self._notifier.stop()
             self._pool.stop()
             self._store.close()
             self.log.info("sna stopped")

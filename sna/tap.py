@@ -234,7 +234,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     vsphere = VSphere(sessions)
     notifier = None
     if config["sha-url"]:
-        notifier = ShaNotifier(HTTPClient(Agent(reactor)), config["sha-url"], reactor)
+        notifier = ShaNotifier(HTTPClient(Agent(reactor)), config["sha-url"], reactor, store)
     manager = JobManager(
         store,
         launcher,

@@ -47,6 +47,7 @@ class MemoryJobStore:
     def __init__(self) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, Any] = {}
+        self.outbox: dict[str, str] = {}
         self.saves = 0
         self.closed = False
 
@@ -66,6 +67,15 @@ class MemoryJobStore:
 
     def save_settings(self, values: dict[str, Any]) -> None:
         self.settings = dict(values)
+
+    def outbox_put(self, job_id: str, body: str) -> None:
+        self.outbox[job_id] = body
+
+    def outbox_remove(self, job_id: str) -> None:
+        self.outbox.pop(job_id, None)
+
+    def outbox_all(self) -> list[tuple[str, str]]:
+        return list(self.outbox.items())
 
     def close(self) -> None:
         self.closed = True

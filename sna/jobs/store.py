@@ -17,7 +17,7 @@ from zope.interface import Interface, implementer
 
 from sna.jobs.model import Job, JobStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -31,6 +31,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+-- Version 2: final states the SHA has not taken yet, re-sent after a restart.
+CREATE TABLE IF NOT EXISTS sha_outbox (
+    job_id TEXT PRIMARY KEY,
+    body   TEXT NOT NULL
 );
 """
 
@@ -52,6 +57,15 @@ class IJobStore(Interface):
 
     def save_settings(values: dict[str, Any]) -> None:
         """Replace the stored run-time settings."""
+
+    def outbox_put(job_id: str, body: str) -> None:
+        """Keep ``body`` (a job's final state for the SHA) until it is taken."""
+
+    def outbox_remove(job_id: str) -> None:
+        """The SHA took (or refused for good) the final state of ``job_id``."""
+
+    def outbox_all() -> list[tuple[str, str]]:
+        """Every final state not taken yet: (job_id, body)."""
 
     def close() -> None:
         """Release the database."""
@@ -121,6 +135,18 @@ class SQLiteJobStore:
                 "INSERT INTO settings (key, value) VALUES (?, ?)",
                 [(key, json.dumps(value)) for key, value in values.items()],
             )
+
+    def outbox_put(self, job_id: str, body: str) -> None:
+        self._conn().execute(
+            "INSERT OR REPLACE INTO sha_outbox (job_id, body) VALUES (?, ?)", (job_id, body)
+        )
+
+    def outbox_remove(self, job_id: str) -> None:
+        self._conn().execute("DELETE FROM sha_outbox WHERE job_id = ?", (job_id,))
+
+    def outbox_all(self) -> list[tuple[str, str]]:
+        rows = self._conn().execute("SELECT job_id, body FROM sha_outbox ORDER BY rowid")
+        return [(job_id, body) for job_id, body in rows]
 
     def close(self) -> None:
         if self._db is not None:

@@ -12,7 +12,8 @@ from twisted.web.server import Request
 
 from sna.jobs.model import JobStatus
 from sna.sbc import events
-from sna.telemetry.sha import RETRY_DELAYS, ShaNotifier, telemetry
+from sna.telemetry.sha import RESEND_INTERVAL, RETRY_DELAYS, ShaNotifier, telemetry
+from sna.testing import MemoryJobStore
 from tests.unit.test_model import T0, make_job
 
 
@@ -88,3 +89,73 @@ def test_a_sha_that_stays_down_is_given_up_on() -> None:
     assert sha.posts[0][1]["current_phase"] == JobStatus.INTERRUPTED.value
     clock.advance(3600)
     assert len(sha.posts) == 1 + len(RETRY_DELAYS)
+
+
+# -- the outbox: what the SHA has not taken survives a restart ---------------------------------
+
+
+def test_a_taken_push_leaves_nothing_in_the_outbox() -> None:
+    store = MemoryJobStore()
+    notifier = ShaNotifier(StubTreq(FakeSha()), "http://sha.example.local", Clock(), store)
+    notifier.job_ended(make_job().ended(T0, 0, None, None))
+    assert store.outbox == {}
+
+
+def test_a_sha_that_stays_down_gets_it_again_later_and_after_a_restart() -> None:
+    store = MemoryJobStore()
+    sha = FakeSha(failures=1 + len(RETRY_DELAYS))
+    clock = Clock()
+    notifier = ShaNotifier(StubTreq(sha), "http://sha.example.local", clock, store)
+    notifier.start()
+    notifier.job_ended(make_job().ended(T0, 0, None, None))
+    for delay in RETRY_DELAYS:
+        clock.advance(delay)
+    assert len(sha.posts) == 1 + len(RETRY_DELAYS)
+    assert list(store.outbox) == ["j1"], "kept after the retries"
+
+    # Still down at the next periodic send; then the daemon stops.
+    sha.failures = 100
+    clock.advance(RESEND_INTERVAL - sum(RETRY_DELAYS))
+    assert len(sha.posts) == 2 + len(RETRY_DELAYS)
+    notifier.stop()
+    clock.advance(RESEND_INTERVAL * 3)
+    assert len(sha.posts) == 2 + len(RETRY_DELAYS), "nothing is sent once stopped"
+    assert list(store.outbox) == ["j1"]
+
+    # The next start sends it at once; the SHA is back.
+    sha.failures = 0
+    again = ShaNotifier(StubTreq(sha), "http://sha.example.local", Clock(), store)
+    again.start()
+    assert sha.posts[-1][0] == b"/api/v1/telemetry/backup/j1"
+    assert sha.posts[-1][1]["status"] == "completed"
+    assert store.outbox == {}
+
+
+def test_a_refused_push_is_not_sent_again() -> None:
+    class Refusing(FakeSha):
+        def render_POST(self, request: Request) -> bytes:
+            super().render_POST(request)
+            request.setResponseCode(400)
+            return b'{"error":"unknown job"}'
+
+    store = MemoryJobStore()
+    sha = Refusing()
+    clock = Clock()
+    notifier = ShaNotifier(StubTreq(sha), "http://sha.example.local", clock, store)
+    notifier.start()
+    notifier.job_ended(make_job().ended(T0, 0, None, None))
+    clock.advance(RESEND_INTERVAL * 2)
+    assert len(sha.posts) == 1
+    assert store.outbox == {}
+
+
+def test_a_job_being_pushed_is_not_sent_twice_at_once() -> None:
+    store = MemoryJobStore()
+    sha = FakeSha(failures=1)
+    clock = Clock()
+    notifier = ShaNotifier(StubTreq(sha), "http://sha.example.local", clock, store)
+    notifier.job_ended(make_job().ended(T0, 0, None, None))
+    notifier.start()  # the outbox holds j1, whose push is waiting for its retry
+    assert len(sha.posts) == 1
+    clock.advance(RETRY_DELAYS[0])
+    assert len(sha.posts) == 2 and store.outbox == {}
