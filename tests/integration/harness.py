@@ -77,11 +77,15 @@ def wait_for(
     deadline: float = JOB_DEADLINE,
     interval: float = 0.05,
 ) -> T:
-    """Call ``check`` until it returns something other than None/False."""
+    """Call ``check`` until it returns something other than None, False or an empty collection.
+
+    (A 0 counts as an answer: an exit code, a count.)
+    """
     end = time.monotonic() + deadline
     while True:
         result = check()
-        if result is not None and result is not False:
+        empty = isinstance(result, (list, tuple, dict, set, str, bytes)) and not result
+        if result is not None and result is not False and not empty:
             return result
         if time.monotonic() > end:
             pytest.fail(f"timed out waiting for {what}")
