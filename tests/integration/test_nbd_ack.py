@@ -10,6 +10,8 @@ from twisted.internet.testing import StringTransport
 
 from sna.nbd.client import ack_now
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
