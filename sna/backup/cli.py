@@ -117,15 +117,18 @@ def _run(reactor: Any, options: JobOptions, events: EventWriter) -> Any:
     return Deferred.fromCoroutine(main())
 
 
-def _standby(args: Sequence[str]) -> Optional[tuple[list[str], dict[str, str]]]:
+def _is_standby(args: Sequence[str]) -> bool:
+    """``[OPTIONS...] standby --spare-id ID``: the daemon puts these three last."""
+    return len(args) >= 3 and list(args[-3:-1]) == [standby.COMMAND, standby.SPARE_ID_OPTION]
+
+
+def _standby() -> Optional[tuple[list[str], dict[str, str]]]:
     """Wait, fully imported, for the daemon's job on stdin (:mod:`sna.standby`).
 
     Returns the job's argv and added environment, or ``None`` at end of file
     (the spare was not needed).  Until a job arrives SIGINT ends the process
     quietly: there is nothing to clean up yet.
     """
-    if list(args[:1]) != [standby.SPARE_ID_OPTION] or len(args) != 2:
-        raise UsageError(f"usage: {standby.COMMAND} {standby.SPARE_ID_OPTION} ID")
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     # The reactor is what react() would import first; a spare has it ready.
     from twisted.internet import reactor  # noqa: F401
@@ -144,9 +147,9 @@ def _standby(args: Sequence[str]) -> Optional[tuple[list[str], dict[str, str]]]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
-    if args[:1] == [standby.COMMAND]:
+    if _is_standby(args):
         try:
-            job = _standby(args[1:])
+            job = _standby()
         except UsageError as e:
             sys.stderr.write(f"sendense-backup-client: error: {e}\n")
             EventWriter(sys.stdout.buffer).error(f"usage: {e}")
@@ -155,8 +158,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if job is None:
             _exit_now(0)
             return
-        args, added = job
+        # Words of --sbc before "standby" come before the job's argv, as they would.
+        job_args, added = job
+        args = [*args[:-3], *job_args]
         environ.update(added)
+        # As a client started for the job would have them (nbdkit inherits them),
+        # all but the password, which stays out of this process's environment.
+        os.environ.update({k: v for k, v in added.items() if k != PASSWORD_ENV})
     password = environ.get(PASSWORD_ENV, "")
     events = EventWriter(sys.stdout.buffer, secrets=[password])
     try:

@@ -76,7 +76,7 @@ def parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
         raise HttpError("the response head is not text") from None
     status_line, *lines = text.split("\r\n")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _is_number(parts[1]):
         raise HttpError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
     headers: dict[str, str] = {}
     for line in lines:
@@ -87,6 +87,11 @@ def parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 class _Wait(Exception):
@@ -112,13 +117,17 @@ def _io(call: Callable[..., int], *args: Any) -> int:
 class RangeConnection:
     """One TLS connection to an HTTPS server, driven by the reactor (see the module docstring)."""
 
-    def __init__(self, reactor: Any, sock: ssl.SSLSocket, where: str, timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, sock: ssl.SSLSocket, where: str, timeout: float, authority: str = ""
+    ) -> None:
         self._reactor = reactor
         self._fdset = IReactorFDSet(reactor)
         self._clock = IReactorTime(reactor)
         self._sock = sock
         self._fd = sock.fileno()
         self.where = where
+        #: The Host header: host:port, an IPv6 address in brackets.
+        self._authority = authority or where
         self._timeout = timeout
         self.closed = False
         self.busy = False
@@ -148,19 +157,23 @@ class RangeConnection:
     ) -> Deferred[RangeConnection]:
         """Connect and finish the TLS handshake (the context verifies the server)."""
         where = f"{host}:{port}"
+        authority = f"[{host}]:{port}" if ":" in host else where
 
         async def go() -> RangeConnection:
             address = await _resolve(host, port)
-            raw = socket.socket(address[0], socket.SOCK_STREAM)
+            try:
+                raw = socket.socket(address[0], socket.SOCK_STREAM)
+            except OSError as e:
+                raise HttpError(f"cannot connect to {where}: {e}") from None
             try:
                 raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # Wrapped before connecting: SSLSocket.connect_ex sets up the TLS object.
                 # An IP address is checked against the certificate's IP names (no SNI then).
                 tls = context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
-            except BaseException:
+            except (OSError, ValueError) as e:
                 raw.close()
-                raise
+                raise HttpError(f"cannot set up TLS to {where}: {e}") from None
             try:
                 code = tls.connect_ex(address[4])
             except OSError as e:
@@ -169,17 +182,26 @@ class RangeConnection:
             if code not in (0, errno.EINPROGRESS):
                 tls.close()
                 raise HttpError(f"cannot connect to {where}: {errno.errorcode.get(code, code)}")
-            conn = cls(reactor, tls, where, timeout)
+            conn = cls(reactor, tls, where, timeout, authority)
             await conn._start(conn._connect_step, "connecting")
             return conn
 
         return Deferred.fromCoroutine(go())
 
+    def _connect_error(self) -> Optional[HttpError]:
+        try:
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return None
+        if not code:
+            return None
+        return HttpError(f"cannot connect to {self.where}: {errno.errorcode.get(code, code)}")
+
     def _connect_step(self) -> None:
         # Writable once the connect finished (or failed).
-        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            raise HttpError(f"cannot connect to {self.where}: {errno.errorcode.get(code, code)}")
+        error = self._connect_error()
+        if error is not None:
+            raise error
         if not self._connected():
             raise _Wait(True)
         self._step = self._handshake_step
@@ -211,15 +233,12 @@ class RangeConnection:
         """``GET target``; the body goes into ``into`` when it has a length that fits."""
         if self.closed or self.busy:
             raise HttpError(f"connection to {self.where} is {'closed' if self.closed else 'busy'}")
-        lines = [f"GET {target} HTTP/1.1", f"Host: {self.where}"]
+        lines = [f"GET {target} HTTP/1.1", f"Host: {self._authority}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         self._out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self._head = bytearray()
         self._into = into
         self._response = None
-        if self._lowat != 1:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            self._lowat = 1
         return self._start(self._send_step, f"on GET {target.partition('?')[0]}")
 
     def _send_step(self) -> None:
@@ -249,7 +268,7 @@ class RangeConnection:
         assert into is not None
         length = headers.get("content-length", "")
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        if chunked or not length.isdigit() or int(length) > len(into) or len(rest) > int(length):
+        if chunked or not _is_number(length) or int(length) > len(into) or len(rest) > int(length):
             # Not a body we read (an error page, chunked): the connection cannot be reused.
             self._finish(Response(status, reason, headers, 0), close=True)
             return
@@ -280,7 +299,8 @@ class RangeConnection:
             self._got += n
         response = self._response
         assert response is not None
-        self._finish(response, close=self._out == b"close")
+        # More than the body (the TLS layer holds bytes nobody asked for): not reusable.
+        self._finish(response, close=self._out == b"close" or self._sock.pending() > 0)
 
     def _low_water(self, remaining: int) -> None:
         """Be woken only once a good part of what is left has arrived.
@@ -290,7 +310,9 @@ class RangeConnection:
         :data:`LOW_WATER` bytes wait.  Near the end of the body less is asked
         for: the TLS layer may hold up to one record of it already.
         """
-        mark = max(1, min(LOW_WATER, remaining - TLS_RECORD))
+        self._set_low_water(max(1, min(LOW_WATER, remaining - TLS_RECORD)))
+
+    def _set_low_water(self, mark: int) -> None:
         if mark != self._lowat:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
             self._lowat = mark
@@ -336,6 +358,8 @@ class RangeConnection:
             self._fail(e)
         except (ssl.SSLError, OSError) as e:
             self._fail(HttpError(f"connection to {self.where} failed: {e}"))
+        except Exception as e:  # a bug here must fail the request, not the reactor
+            self._fail(HttpError(f"connection to {self.where}: {type(e).__name__}: {e}"))
 
     def _watch(self, read: bool, write: bool) -> None:
         if self.closed:
@@ -355,6 +379,7 @@ class RangeConnection:
         if close:
             self.close()
         elif not self.closed:
+            self._set_low_water(1)
             # Idle: watch for the server closing, so the next request does not find out.
             self._step = self._idle_step
             self._watch(read=True, write=False)
@@ -377,6 +402,7 @@ class RangeConnection:
         if self.closed:
             return
         self._step = None
+        self._into = None
         self._stop_timer()
         self._watch(read=False, write=False)
         self.closed = True
@@ -400,7 +426,11 @@ class RangeConnection:
         self._run()
 
     def connectionLost(self, reason: Failure) -> None:
-        self._fail(HttpError(f"connection to {self.where} lost: {reason.getErrorMessage()}"))
+        # A refused or unreachable connect shows as an error event, never as writable.
+        error = self._connect_error() if self._step == self._connect_step else None
+        self._fail(
+            error or HttpError(f"connection to {self.where} lost: {reason.getErrorMessage()}")
+        )
 
     def logPrefix(self) -> str:
         return "https-range"
@@ -421,7 +451,7 @@ async def _resolve(host: str, port: int) -> tuple[Any, ...]:
         return (family, socket.SOCK_STREAM, 0, "", (host, port))
     try:
         found = await deferToThread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:
         raise HttpError(f"cannot resolve {host}: {e}") from None
     if not found:
         raise HttpError(f"cannot resolve {host}: no address")

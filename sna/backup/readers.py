@@ -142,6 +142,8 @@ class FolderReader:
         self._connections = connections
         self._idle: list[RangeConnection] = []
         self._open_connections: set[RangeConnection] = set()
+        #: Connections being opened and retry pauses: what abort() cancels.
+        self._waiting: set[Deferred[Any]] = set()
         self._aborted = False
         self.max_request = max_request
         self.size = 0
@@ -154,21 +156,29 @@ class FolderReader:
         return f"/folder/{urllib.parse.quote(path)}?{query}"
 
     async def _connection(self) -> RangeConnection:
+        if self._aborted:
+            raise ReaderError("the reader was closed")
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
                 return conn
             self._open_connections.discard(conn)
+        opening = RangeConnection.open(
+            self._reactor, self._host, self._port, self._context, self._timeout
+        )
+        self._waiting.add(opening)
         try:
-            conn = await RangeConnection.open(
-                self._reactor, self._host, self._port, self._context, self._timeout
-            )
+            conn = await opening
         except HttpError as e:
             raise _Retryable(str(e)) from None
+        except CancelledError:
+            raise ReaderError("the reader was closed") from None
+        finally:
+            self._waiting.discard(opening)
         self._open_connections.add(conn)
         if self._aborted:
             conn.close()
-            raise ReaderError("the reader was aborted")
+            raise ReaderError("the reader was closed")
         return conn
 
     def _done_with(self, conn: RangeConnection) -> None:
@@ -247,7 +257,14 @@ class FolderReader:
                     delay=delay,
                     error=str(e),
                 )
-                await deferLater(self._reactor, delay, lambda: None)
+                pause = deferLater(self._reactor, delay, lambda: None)
+                self._waiting.add(pause)
+                try:
+                    await pause
+                except CancelledError:
+                    raise ReaderError(f"{e} (closed while waiting to retry)") from None
+                finally:
+                    self._waiting.discard(pause)
                 delay *= 2
 
     async def _open(self) -> None:
@@ -306,6 +323,10 @@ class FolderReader:
         return Deferred.fromCoroutine(go())
 
     def close(self) -> Deferred[None]:
+        """Close every connection; reads still under way fail, and none starts again."""
+        self._aborted = True
+        for waiting in list(self._waiting):
+            waiting.cancel()
         for conn in list(self._open_connections):
             conn.close()
         self._open_connections.clear()
@@ -313,7 +334,6 @@ class FolderReader:
         return succeed(None)
 
     def abort(self) -> None:
-        self._aborted = True
         self.close()
 
 

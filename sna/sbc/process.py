@@ -453,16 +453,23 @@ class ProcessLauncher:
         except OSError as e:
             raise ClientUnavailable(f"cannot open the job log: {e.strerror}") from e
         spare = self.spares.take() if self.spares is not None else None
+        try:
+            if spare is not None:
+                job_log.write(
+                    "sna",
+                    f"starting {self._shown(args, request)} in spare client pid {spare.pid} "
+                    f"(started {self._clock.seconds() - spare.started:.1f} s ago)",
+                )
+            else:
+                job_log.write("sna", f"starting {self._shown(args, request)}")
+        except OSError as e:
+            job_log.close()
+            if spare is not None:
+                spare.stop(self._clock)  # not handed a job: it exits
+            raise ClientUnavailable(f"cannot write the job log: {e.strerror}") from e
         if spare is not None:
-            job_log.write(
-                "sna",
-                f"starting {self._shown(args, request)} in spare client pid {spare.pid} "
-                f"(started {self._clock.seconds() - spare.started:.1f} s ago)",
-            )
             base = self.command.base_environment(self._environ)
             added = {k: v for k, v in env.items() if base.get(k) != v}
-        else:
-            job_log.write("sna", f"starting {self._shown(args, request)}")
         legacy = self.command.legacy
         parser = parser_for(legacy)
         protocol = BackupClientProtocol(

@@ -8,9 +8,11 @@ retired after :data:`MAX_AGE`, so an upgraded client is picked up without a
 restart of sna.
 
 A spare that exits before it is ready (a client without ``standby``, a
-broken installation) is logged with its last stderr line; after
-:data:`MAX_FAILURES` such exits in a row the pool stops trying and every job
-starts its own client, as without spares.  Nothing here touches a job: until
+broken installation), or soon after, is logged with its last stderr line and
+replaced after :data:`RETRY_DELAY`; after :data:`MAX_FAILURES` such exits in
+a row the pool stops trying for :data:`MAX_AGE` and every job starts its own
+client, as without spares.  A spare the pool stops gets end of file on
+stdin, then TERM and KILL if it lingers.  Nothing here touches a job: until
 the handover a spare's output goes to the daemon's log.
 """
 
@@ -58,8 +60,11 @@ class SpareProtocol(ProcessProtocol):
         self.pid: Optional[int] = None
         self.started = started
         self.ready = False
+        self.ready_at = 0.0
         self.ended = False
+        self.rejected = False
         self.job: Optional[ProcessProtocol] = None
+        self._stop_calls: list[IDelayedCall] = []
         self._out = b""
         self._err = b""
         self.retire_call: Optional[IDelayedCall] = None
@@ -72,22 +77,31 @@ class SpareProtocol(ProcessProtocol):
         if self.job is not None:
             self.job.outReceived(data)
             return
+        if self.ready or self.rejected:
+            # Nothing is expected before the job: said once, otherwise ignored.
+            self.log.warn(
+                "spare backup client pid {pid} printed {data!r} while waiting",
+                pid=self.pid,
+                data=data[:200],
+            )
+            return
         self._out = (self._out + data)[-MAX_EARLY_OUTPUT:]
         line, newline, _ = self._out.partition(b"\n")
-        if not newline or self.ready:
+        if not newline:
             return
+        self._out = b""
         if line.rstrip(b"\r") == standby.READY_LINE:
-            self._out = b""
             self.ready = True
             self.pool._spare_ready(self)
         else:
+            self.rejected = True
             self.log.warn(
                 "spare backup client pid {pid} printed {line!r} instead of its ready line; "
                 "stopping it",
                 pid=self.pid,
                 line=line[:200],
             )
-            self.stop()
+            self.pool._retire(self, "it did not say it was ready")
 
     def errReceived(self, data: bytes) -> None:
         if self.job is not None:
@@ -114,22 +128,34 @@ class SpareProtocol(ProcessProtocol):
         protocol.makeConnection(transport)
         return transport
 
-    def stop(self) -> None:
-        """End an unused spare: end of file on its stdin, which it takes as "not needed"."""
-        if self.transport is not None and not self.ended:
-            self.transport.closeStdin()
+    def stop(self, clock: IReactorTime) -> None:
+        """End an unused spare: end of file on its stdin, which it takes as "not needed";
+        TERM after :data:`STOP_GRACE` and KILL after twice that if it is still there."""
+        if self.transport is None or self.ended or self._stop_calls:
+            return
+        self.transport.closeStdin()
+        self._stop_calls = [
+            clock.callLater(STOP_GRACE, self._signal, "TERM"),
+            clock.callLater(2 * STOP_GRACE, self._signal, "KILL"),
+        ]
 
-    def terminate(self) -> None:
+    def _signal(self, name: str) -> None:
         if self.transport is not None and not self.ended:
+            self.log.warn(
+                "spare backup client pid {pid} did not exit; sending {signal}",
+                pid=self.pid,
+                signal=name,
+            )
             try:
-                self.transport.signalProcess("TERM")
+                self.transport.signalProcess(name)
             except ierror.ProcessExitedAlready:
                 pass
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
-        if self.retire_call is not None and self.retire_call.active():
-            self.retire_call.cancel()
+        for call in [self.retire_call, *self._stop_calls]:
+            if call is not None and call.active():
+                call.cancel()
         try:
             if self.job is not None:
                 self.job.processEnded(reason)
@@ -163,6 +189,8 @@ class SparePool(Service):
         self._env = dict(env)
         self.size = size
         self.spares: list[SpareProtocol] = []
+        #: Spares being stopped (retired, rejected): waited for at shutdown.
+        self._stopping: set[SpareProtocol] = set()
         self._failures = 0
         self.disabled: Optional[str] = None
         self._retry: Optional[IDelayedCall] = None
@@ -179,16 +207,9 @@ class SparePool(Service):
             self._retry.cancel()
         spares, self.spares = self.spares, []
         for spare in spares:
-            spare.stop()
-        terms = [self._clock.callLater(STOP_GRACE, spare.terminate) for spare in spares]
-
-        def stopped(result: object) -> object:
-            for call in terms:
-                if call.active():
-                    call.cancel()
-            return result
-
-        return DeferredList([s.gone for s in spares if not s.ended]).addBoth(stopped)
+            spare.stop(self._clock)
+        waiting = [s.gone for s in (*spares, *self._stopping) if not s.ended]
+        return DeferredList(waiting)
 
     # -- handing out ------------------------------------------------------------------------
 
@@ -214,12 +235,22 @@ class SparePool(Service):
             if not self._start_one():
                 return
 
+    def _retry_later(self, delay: float = RETRY_DELAY) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(delay, self._fill)
+
+    def _enable_again(self) -> None:
+        self.log.info("trying spare backup clients again")
+        self.disabled = None
+        self._failures = 0
+        self._fill()
+
     def _start_one(self) -> bool:
         try:
             executable = self._executable()
         except Exception as e:
             self.log.warn("cannot start a spare backup client: {reason}", reason=str(e))
-            self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
+            self._retry_later()
             return False
         spare_id = secrets.token_hex(8)
         spare = SpareProtocol(self, spare_id, self._clock.seconds())
@@ -242,21 +273,24 @@ class SparePool(Service):
             return False
         spare.pid = transport.pid
         self.spares.append(spare)
-        spare.retire_call = self._clock.callLater(MAX_AGE, self._retire, spare)
+        spare.retire_call = self._clock.callLater(MAX_AGE, self._retire, spare, "unused")
         self.log.debug("spare backup client pid {pid} started", pid=spare.pid)
         return True
 
-    def _retire(self, spare: SpareProtocol) -> None:
+    def _retire(self, spare: SpareProtocol, why: str) -> None:
+        """Stop a spare that is not handed out (unused too long, or not ready as it should be)."""
         if spare in self.spares:
-            self.log.info("retiring spare backup client pid {pid} (unused)", pid=spare.pid)
+            self.log.info("retiring spare backup client pid {pid} ({why})", pid=spare.pid, why=why)
             self.spares.remove(spare)
-            spare.stop()
+            self._stopping.add(spare)
+            spare.gone.addBoth(lambda _: self._stopping.discard(spare))
+            spare.stop(self._clock)
             self._fill()
 
     # -- what spares do -----------------------------------------------------------------------
 
     def _spare_ready(self, spare: SpareProtocol) -> None:
-        self._failures = 0
+        spare.ready_at = self._clock.seconds()
         self.log.debug("spare backup client pid {pid} ready", pid=spare.pid)
 
     def _spare_ended(self, spare: SpareProtocol, reason: Failure) -> None:
@@ -265,19 +299,24 @@ class SparePool(Service):
             self.spares.remove(spare)
         if not self.running:
             return
-        if spare.ready:
-            if was_ours:
-                self.log.warn(
-                    "spare backup client pid {pid} exited while waiting: {reason}",
-                    pid=spare.pid,
-                    reason=reason.getErrorMessage(),
-                )
+        if spare.ready and not was_ours:
+            self._fill()  # stopped by us: expected
+            return
+        if spare.ready and self._clock.seconds() - spare.ready_at >= MAX_AGE / 2:
+            # It served its time: a spare killed by someone after a long wait.
+            self._failures = 0
+            self.log.warn(
+                "spare backup client pid {pid} exited while waiting: {reason}",
+                pid=spare.pid,
+                reason=reason.getErrorMessage(),
+            )
             self._fill()
             return
         self._failures += 1
         self.log.warn(
-            "spare backup client pid {pid} exited before it was ready ({reason}): {last}",
+            "spare backup client pid {pid} exited {when} ({reason}): {last}",
             pid=spare.pid,
+            when="while waiting" if spare.ready else "before it was ready",
             reason=reason.getErrorMessage(),
             last=spare.last_error(),
         )
@@ -285,8 +324,10 @@ class SparePool(Service):
             self.disabled = spare.last_error()
             self.log.warn(
                 "no spare backup clients after {count} failures in a row; each job starts "
-                "its own client",
+                "its own client; trying again in {delay:g} s",
                 count=self._failures,
+                delay=MAX_AGE,
             )
+            self._retry = self._clock.callLater(MAX_AGE, self._enable_again)
             return
-        self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
+        self._retry_later()

@@ -22,9 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from sna.backup import tls
 from sna.backup.https import HttpError, RangeConnection, parse_head
+from sna.backup.readers import FolderReader, ReaderError
+from sna.backup.vsphere import SnapshotDisk
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +133,12 @@ class ScriptedServer:
                 b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\n\r\n" + DATA[:10]
             )
             return False
+        if path == "/superscript":
+            # "²".isdigit() is True, int("²") fails: not a length to read.
+            conn.sendall(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: ²\r\n\r\n".encode("latin-1")
+            )
+            return False
         if path == "/garbage":
             conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
             return False
@@ -169,6 +178,8 @@ def test_a_response_head_is_parsed() -> None:
     assert headers == {"content-length": "5", "x-a": "1, 2"}
     with pytest.raises(HttpError, match="status line"):
         parse_head(b"SSH-2.0-OpenSSH_9.2")
+    with pytest.raises(HttpError, match="status line"):
+        parse_head("HTTP/1.1 ²00 OK".encode("latin-1"))
     with pytest.raises(HttpError, match="malformed header"):
         parse_head(b"HTTP/1.1 200 OK\r\nno colon here")
 
@@ -216,6 +227,11 @@ async def test_bodies_it_does_not_read_close_the_connection(
     # Longer than the buffer: not read either.
     conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
     response = await conn.get("/data", {"Range": "bytes=0-99"}, memoryview(bytearray(10)))
+    assert (response.status, response.body) == (206, 0)
+    assert conn.closed
+    # A length that is not ASCII digits is no length.
+    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
+    response = await conn.get("/superscript", {}, memoryview(bytearray(10)))
     assert (response.status, response.body) == (206, 0)
     assert conn.closed
     # Connection: close is honoured once the body is in.
@@ -273,3 +289,37 @@ async def test_a_closed_port_is_an_http_error() -> None:
         port = s.getsockname()[1]
     with pytest.raises(HttpError, match=r"cannot connect to 127\.0\.0\.1"):
         await RangeConnection.open(reactor, "127.0.0.1", port, ssl.create_default_context(), 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_the_reader_fails_a_read_still_connecting() -> None:
+    """A server that accepts and never answers the TLS handshake: close() ends the read now."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        disk = SnapshotDisk(
+            key="2000",
+            label="Hard disk 1",
+            capacity=1 << 20,
+            file_name="[ds] vm/vm.vmdk",
+            datastore="ds",
+            path="vm/vm.vmdk",
+            change_id=None,
+            backing_type="flat",
+            has_parent=False,
+        )
+        reader = FolderReader(
+            reactor,
+            host="127.0.0.1",
+            port=silent.getsockname()[1],
+            datacenter="DC0",
+            disk=disk,
+            cookie="vmware_soap_session=x",
+            context=tls.ssl_context(tls.TlsSettings(insecure=True)),
+            connections=1,
+            io_timeout=60,
+        )
+        reading = reader.read(0, 4096)
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not reading.called, "the handshake is waiting"
+        await reader.close()
+        with pytest.raises(ReaderError, match="closed"):
+            await reading

@@ -17,7 +17,9 @@ from sna import standby
 from sna.sbc import events
 from sna.sbc.process import (
     ClientCommand,
+    ClientUnavailable,
     IClientObserver,
+    JobLog,
     LogDirectory,
     ProcessLauncher,
 )
@@ -128,52 +130,63 @@ def test_a_spare_that_dies_before_it_is_ready_is_retried_then_given_up() -> None
     assert pool.take() is None
 
 
-def test_a_ready_spare_that_exits_is_replaced_and_failures_reset() -> None:
+def test_a_spare_that_dies_soon_after_ready_counts_as_a_failure() -> None:
+    reactor = FakeProcessReactor()
+    pool = pool_of(reactor)
+    for n in range(MAX_FAILURES):
+        transport = reactor.spawned[-1][0]
+        ready(transport)
+        transport.exit(1)  # crashes right after its ready line
+        assert len(reactor.spawned) == n + 1, "not respawned in a tight loop"
+        reactor.advance(RETRY_DELAY)
+    assert pool.disabled is not None
+    assert len(reactor.spawned) == MAX_FAILURES
+    # Tried again much later: a fixed client is picked up without a restart.
+    reactor.advance(MAX_AGE)
+    assert pool.disabled is None and len(reactor.spawned) == MAX_FAILURES + 1
+
+
+def test_a_long_waiting_spare_that_is_killed_is_replaced_at_once() -> None:
     reactor = FakeProcessReactor()
     pool = pool_of(reactor)
     reactor.spawned[0][0].exit(1)  # one early failure
     reactor.advance(RETRY_DELAY)
     ready(reactor.spawned[1][0])
+    reactor.advance(MAX_AGE / 2)
     reactor.spawned[1][0].exit(signal=9)
     assert len(reactor.spawned) == 3, "replaced at once"
     assert pool.disabled is None
 
 
 def test_output_other_than_the_ready_line_stops_the_spare() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeProcessReactor(dies_on=("KILL",))
     pool = pool_of(reactor)
     transport = reactor.spawned[0][0]
     transport.protocol.childDataReceived(1, b"Traceback (most recent call last):\n")
+    transport.protocol.childDataReceived(1, b'  File "x.py", line 1\n')
     assert transport.stdin_closed
     assert pool.take() is None
+    reactor.advance(STOP_GRACE)
+    assert transport.signals == ["TERM"], "it lingered after end of file"
+    reactor.advance(STOP_GRACE)
+    assert transport.signals == ["TERM", "KILL"]
+    assert pool._failures == 1, "it never became ready: a failure"
 
 
 def test_an_unused_spare_is_retired() -> None:
-    reactor = FakeProcessReactor()
+    reactor = FakeProcessReactor(dies_on=("KILL",))
     pool = pool_of(reactor)
     first = reactor.spawned[0][0]
     ready(first)
     reactor.advance(MAX_AGE)
     assert first.stdin_closed, "end of file: not needed"
     assert len(reactor.spawned) == 2
-    first.exit(0)
-    assert len(pool.spares) == 1 and pool.spares[0].transport is reactor.spawned[1][0]
-
-
-def test_stopping_closes_stdin_then_terminates() -> None:
-    reactor = FakeProcessReactor(dies_on=("TERM",))
-    pool = pool_of(reactor, size=2)
-    polite, stubborn = (t for t, _, _ in reactor.spawned)
-    ready(polite)
     done: list[object] = []
     pool.stopService().addBoth(done.append)
-    assert polite.stdin_closed and stubborn.stdin_closed
-    polite.exit(0)
-    assert not done
-    reactor.advance(STOP_GRACE)
-    assert stubborn.signals == ["TERM"]
-    assert len(done) == 1
-    assert len(reactor.spawned) == 2, "nothing restarts while stopping"
+    assert not done, "shutdown waits for the retired spare too"
+    reactor.advance(2 * STOP_GRACE)
+    assert first.signals == ["TERM", "KILL"]
+    assert done
 
 
 def test_a_missing_client_is_retried_later() -> None:
@@ -259,6 +272,22 @@ def test_the_legacy_client_has_no_spares(tmp_path: Path) -> None:
     logs = LogDirectory(FilePath(str(tmp_path)), FilePath(str(tmp_path)))
     command = ClientCommand.parse("/opt/migratekit", legacy=True)
     assert ProcessLauncher(reactor, reactor, command, logs, fixed_now, spares=2).spares is None
+
+
+def test_a_job_log_that_cannot_be_written_stops_the_spare(
+    launcher: tuple[ProcessLauncher, FakeProcessReactor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launch, reactor = launcher
+    transport = reactor.spawned[0][0]
+    ready(transport)
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JobLog, "write", full)
+    with pytest.raises(ClientUnavailable, match="No space left on device"):
+        launch.launch(REQUEST, Recorder())
+    assert transport.stdin_closed and transport.value() == b"", "no job, and it is ended"
 
 
 def test_a_spare_that_ended_unnoticed_is_not_handed_out(
