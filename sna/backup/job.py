@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Optional, TypeVar
 
 import attrs
 from pyVmomi import vmodl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -350,37 +350,49 @@ class BackupJob:
         log.info("enabling CBT on VM {vm} (it has no snapshots)", vm=self._options.vm_path)
         await self._call(session.enable_cbt, vm)
 
+    async def _each_disk(self, work: Callable[[DiskRun], Coroutine[Any, Any, None]]) -> None:
+        """``work`` for every disk at once (a VM's disks open in the time of one);
+        the error of the first failing disk, in disk order, is raised."""
+        results = await DeferredList(
+            [Deferred.fromCoroutine(work(run)) for run in self._disks], consumeErrors=True
+        )
+        for ok, value in results:
+            if not ok and isinstance(value, Failure):
+                value.raiseException()
+
     async def _connect_targets(self) -> None:
+        await self._each_disk(self._connect_target)
+
+    async def _connect_target(self, run: DiskRun) -> None:
         options = self._options
-        for run in self._disks:
-            address = run.target.address
-            where = f"disk {run.disk.key}: target {address.describe()}"
-            try:
-                client = await connect_address(
-                    self._reactor, address, options.connect_timeout, options.max_in_flight_bytes
-                )
-            except (NBDError, OSError) as e:
-                raise JobError(f"{where}: cannot connect: {e}", run.disk.key) from None
-            except Exception as e:
-                raise JobError(
-                    f"{where}: cannot connect: {type(e).__name__}: {e}", run.disk.key
-                ) from None
-            run.client = client
-            self._check()
-            info = client.info
-            if info.read_only:
-                raise JobError(f"{where} is read-only", run.disk.key)
-            if not info.can_flush:
-                raise JobError(
-                    f"{where} does not offer FLUSH, so the backup could not be made durable",
-                    run.disk.key,
-                )
-            if info.size < run.disk.capacity:
-                raise JobError(
-                    f"{where} has {info.size} bytes, less than the disk's {run.disk.capacity}; "
-                    "nothing was copied",
-                    run.disk.key,
-                )
+        address = run.target.address
+        where = f"disk {run.disk.key}: target {address.describe()}"
+        try:
+            client = await connect_address(
+                self._reactor, address, options.connect_timeout, options.max_in_flight_bytes
+            )
+        except (NBDError, OSError) as e:
+            raise JobError(f"{where}: cannot connect: {e}", run.disk.key) from None
+        except Exception as e:
+            raise JobError(
+                f"{where}: cannot connect: {type(e).__name__}: {e}", run.disk.key
+            ) from None
+        run.client = client
+        self._check()
+        info = client.info
+        if info.read_only:
+            raise JobError(f"{where} is read-only", run.disk.key)
+        if not info.can_flush:
+            raise JobError(
+                f"{where} does not offer FLUSH, so the backup could not be made durable",
+                run.disk.key,
+            )
+        if info.size < run.disk.capacity:
+            raise JobError(
+                f"{where} has {info.size} bytes, less than the disk's {run.disk.capacity}; "
+                "nothing was copied",
+                run.disk.key,
+            )
 
     async def _vddk_servers(self) -> VddkServers:
         options = self._options
@@ -419,12 +431,9 @@ class BackupJob:
             cookie = await self._call(session.session_cookie)
             datacenter = await self._call(session.datacenter_path, self._vm)
             context = tls.ssl_context(options.tls)
-        elif options.reader == "vddk":
-            servers = await self._vddk_servers()
-        for run in self._disks:
-            reader: IDiskReader
-            if options.reader == "folder":
-                reader = FolderReader(
+
+            def folder_reader(run: DiskRun) -> IDiskReader:
+                return FolderReader(
                     self._reactor,
                     host=options.host,
                     port=options.port,
@@ -435,27 +444,35 @@ class BackupJob:
                     connections=options.reads_in_flight,
                     io_timeout=options.io_timeout,
                 )
+
+            # Each reader's TLS handshake and probe read, for every disk at once.
+            await self._each_disk(lambda run: self._open_reader(run, folder_reader(run)))
+            return
+        servers = await self._vddk_servers() if options.reader == "vddk" else None
+        for run in self._disks:
+            address: Optional[NbdAddress]
+            if servers is not None:
+                try:
+                    address = await servers.start(run.disk)
+                except NbdkitError as e:
+                    raise JobError(str(e), run.disk.key) from None
             else:
-                address: Optional[NbdAddress]
-                if options.reader == "vddk":
-                    try:
-                        address = await servers.start(run.disk)
-                    except NbdkitError as e:
-                        raise JobError(str(e), run.disk.key) from None
-                else:
-                    address = options.reader_nbd.get(run.disk.key)
-                if address is None:
-                    raise JobError(
-                        f"disk {run.disk.key}: --reader nbd and no --reader-nbd-url for it",
-                        run.disk.key,
-                    )
-                reader = NbdReader(self._reactor, address, run.disk, options.connect_timeout)
-            run.reader = reader
-            try:
-                await reader.open()
-            except ReaderError as e:
-                raise JobError(str(e), run.disk.key) from None
-            self._check()
+                address = options.reader_nbd.get(run.disk.key)
+            if address is None:
+                raise JobError(
+                    f"disk {run.disk.key}: --reader nbd and no --reader-nbd-url for it",
+                    run.disk.key,
+                )
+            reader = NbdReader(self._reactor, address, run.disk, options.connect_timeout)
+            await self._open_reader(run, reader)
+
+    async def _open_reader(self, run: DiskRun, reader: IDiskReader) -> None:
+        run.reader = reader
+        try:
+            await reader.open()
+        except ReaderError as e:
+            raise JobError(str(e), run.disk.key) from None
+        self._check()
 
     async def _areas(self, run: DiskRun, change_id: str) -> list[Area]:
         session, vm, snapshot = self._session, self._vm, self._snapshot
