@@ -68,7 +68,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -174,16 +173,6 @@ class BenchSna(Sna):
             s == "sna" and text.startswith("starting ") and " in spare client pid " in text
             for _, s, text in self.job_log(job_id)
         )
-
-    def stop(self) -> None:
-        """SIGTERM and wait; SIGKILL after 60 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 # -- runs --------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import urllib.parse
 from typing import Any, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUNIX
+from twisted.internet.interfaces import IReactorTCP, IReactorUNIX
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,9 +33,8 @@ from zope.interface import Attribute, Interface, implementer
 from sna.backup.https import HttpError, RangeConnection
 from sna.backup.options import NbdAddress
 from sna.backup.vsphere import SnapshotDisk
-from sna.nbd.client import NBDClient, NBDClientProtocol, connect
-from sna.nbd.errors import ConnectTimeout, NBDError
-from sna.nbd.wire import ExportInfo
+from sna.nbd.client import NBDClient, connect, connect_endpoint
+from sna.nbd.errors import NBDError
 
 log = Logger()
 
@@ -365,23 +364,11 @@ async def connect_address(
             timeout,
             max_in_flight_bytes=max_in_flight_bytes,
         )
-    # sna.nbd.client.connect speaks TCP only; the same protocol serves a Unix socket.
     unix: IReactorUNIX = reactor
-    clock: IReactorTime = reactor
-    protocol = NBDClientProtocol(address.export, max_in_flight_bytes)
     endpoint = UNIXClientEndpoint(unix, address.socket, timeout=int(max(timeout, 1)))
-
-    def handshake(_: object) -> Deferred[ExportInfo]:
-        return protocol.ready
-
-    def timed_out(result: Any, seconds: float) -> Any:
-        if isinstance(result, Failure):
-            raise ConnectTimeout(f"NBD {address.describe()}: no session within {seconds:g} s")
-        return result
-
-    d = connectProtocol(endpoint, protocol).addCallback(handshake)
-    info = await d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
-    return NBDClient(protocol, info)
+    return await connect_endpoint(
+        endpoint, reactor, address.export, f"NBD {address.describe()}", timeout, max_in_flight_bytes
+    )
 
 
 @implementer(IDiskReader)

@@ -709,9 +709,35 @@ async def connect(
     :class:`ConnectTimeout` raised.  Socket errors are Twisted's
     (``ConnectionRefusedError``…); protocol errors are :class:`NBDError` subclasses.
     """
-    clock = IReactorTime(reactor)
+    client = await connect_endpoint(
+        client_endpoint(reactor, host, port, timeout),
+        IReactorTime(reactor),
+        export,
+        f"NBD export {export!r} at {host}:{port}",
+        timeout,
+        max_in_flight_bytes,
+    )
+    log.info(
+        "NBD export {export} at {host}:{port} open: {size} bytes",
+        export=export,
+        host=host,
+        port=port,
+        size=client.info.size,
+    )
+    return client
+
+
+async def connect_endpoint(
+    endpoint: IStreamClientEndpoint,
+    clock: IReactorTime,
+    export: str,
+    where: str,
+    timeout: float,
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT,
+) -> NBDClient:
+    """:func:`connect` over any stream endpoint (a Unix socket too); ``where`` names it
+    in the :class:`ConnectTimeout` raised when no session is open within ``timeout``."""
     protocol = NBDClientProtocol(export, max_in_flight_bytes)
-    where = f"NBD export {export!r} at {host}:{port}"
 
     def handshake(_: Any) -> Deferred[ExportInfo]:
         return protocol.ready
@@ -721,14 +747,6 @@ async def connect(
             raise ConnectTimeout(f"{where}: no NBD session within {seconds:g} s")
         return result
 
-    d = connectProtocol(client_endpoint(reactor, host, port, timeout), protocol)
-    opened = d.addCallback(handshake).addTimeout(timeout, clock, onTimeoutCancel=timed_out)
-    info = await opened
-    log.info(
-        "NBD export {export} at {host}:{port} open: {size} bytes",
-        export=export,
-        host=host,
-        port=port,
-        size=info.size,
-    )
+    d = connectProtocol(endpoint, protocol).addCallback(handshake)
+    info = await d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
     return NBDClient(protocol, info)

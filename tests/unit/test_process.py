@@ -6,11 +6,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 from twisted.internet import error as ierror
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -29,7 +28,7 @@ from sna.sbc.process import (
     ProcessLauncher,
     is_client_of,
 )
-from sna.testing import fixed_now
+from sna.testing import FakeProcessReactor, fixed_now
 
 REQUEST = BackupRequest(
     job_id="backup-vm-1",
@@ -223,31 +222,15 @@ def test_log_directory_falls_back(tmp_path: Path) -> None:
 
 def test_launcher_masks_the_password_in_the_job_log(tmp_path: Path) -> None:
     """A real spawn, through a fake reactor that records what it was asked to run."""
-    spawned: dict[str, Any] = {}
-
-    class Reactor(Clock):
-        def spawnProcess(
-            self, protocol: Any, executable: str, args: list[str], env: Any, path: Any
-        ) -> Any:
-            spawned.update(executable=executable, args=args, env=env)
-
-            class Transport:
-                pid = 77
-
-                def closeStdin(self) -> None:
-                    pass
-
-            protocol.makeConnection(Transport())
-            return Transport()
-
-    reactor = Reactor()
+    reactor = FakeProcessReactor()
     logs = LogDirectory(FilePath(str(tmp_path)), FilePath(str(tmp_path)))
     command = ClientCommand.parse(sys.executable + " -u client.py", legacy=True)
     launcher = ProcessLauncher(reactor, reactor, command, logs, fixed_now, environ={})
     process = launcher.launch(REQUEST, Recorder())
-    assert process.pid == 77
-    assert spawned["executable"] == os.path.abspath(sys.executable)
-    assert "pa55 word" in spawned["args"]  # legacy: the Go client reads it from argv
+    [(transport, args, _env)] = reactor.spawned
+    assert process.pid == transport.pid
+    assert args[0] == os.path.abspath(sys.executable)
+    assert "pa55 word" in args  # legacy: the Go client reads it from argv
     text = (tmp_path / "backup-backup-vm-1.log").read_text()
     assert "pa55 word" not in text
     assert "--vmware-password '********'" in text

@@ -5,44 +5,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import pytest
 from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
 
 from sna import standby
-from sna.sbc import events
 from sna.sbc.process import (
     ClientCommand,
     ClientUnavailable,
-    IClientObserver,
     JobLog,
     LogDirectory,
     ProcessLauncher,
 )
 from sna.sbc.spare import MAX_AGE, MAX_FAILURES, RETRY_DELAY, STOP_GRACE, SparePool
 from sna.testing import FakeProcessReactor, FakeProcessTransport, fixed_now
-from tests.unit.test_process import REQUEST
+from tests.unit.test_process import REQUEST, Recorder
 
 READY = standby.READY_LINE + b"\n"
-
-
-@implementer(IClientObserver)
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[events.Event] = []
-        self.ended: Optional[tuple[Optional[int], Optional[int], Optional[str]]] = None
-
-    def event_received(self, event: events.Event) -> None:
-        self.events.append(event)
-
-    def process_ended(
-        self, exit_code: Optional[int], exit_signal: Optional[int], last_output: Optional[str]
-    ) -> None:
-        self.ended = (exit_code, exit_signal, last_output)
 
 
 def pool_of(reactor: FakeProcessReactor, size: int = 1) -> SparePool:
