@@ -24,7 +24,6 @@ they can read an image the server still has open.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+
+from tests.testbed.hub import listening as process_listens
 
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
@@ -302,33 +303,6 @@ def image_compare(raw: Path, qcow2: Path) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def listens_on(pid: int, port: int, host: str = HOST) -> bool:
-    """Whether process ``pid`` itself holds the socket listening on ``host:port``.
-
-    On a shared machine another test run may bind the same port first; its
-    listener must not be mistaken for ours.
-    """
-    local = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
-    try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return False
-    # Columns: sl, local_address, rem_address, st (0A = LISTEN), ..., inode (9th).
-    inodes = {
-        f"socket:[{fields[9]}]"
-        for fields in (line.split() for line in lines)
-        if fields[1] == local and fields[3] == "0A"
-    }
-    for fd in fds:
-        try:
-            if os.readlink(fd) in inodes:
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def nbdkit_on_ports(
     directory: Path,
     ports: Sequence[int],
@@ -374,7 +348,7 @@ def nbdkit_on_ports(
                     for other in [*starting.values(), *started.values()]:
                         other.stop()
                     pytest.fail(f"nbdkit exited instead of listening on {HOST}:{port}:\n{text}")
-            elif listens_on(server.pid, port):
+            elif process_listens(server.pid, port):
                 started[port] = starting.pop(port)
         time.sleep(0.005)
     if starting:

@@ -31,6 +31,7 @@ from pyVmomi import vim
 
 from sna.sbc.parse import JsonLineParser
 from tests.integration.backup_helpers import blocks, compare, has_no_data, snapshots
+from tests.integration.nbd_fixtures import qemu_nbd
 from tests.testbed import Testbed, testbed_fixture
 
 pytestmark = pytest.mark.integration
@@ -468,6 +469,44 @@ def test_target_mapping_fails_before_any_write(
     for target in real.values():
         tb.stop_target(target["export"])
     assert all(has_no_data(t["qcow2"]) for t in real.values())
+    assert snapshots(tb, "bigvm") == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "complaint"),
+    [
+        ("small", "disk 2000: target 127.0.0.1:{port}/small has 1048576 bytes, less than"),
+        ("read_only", "disk 2000: target 127.0.0.1:{port}/read_only is read-only"),
+    ],
+)
+@pytest.mark.parametrize("second_bad", [False, True])
+def test_unusable_targets_fail_before_any_write(
+    data: Testbed, tmp_path: Path, bad: str, complaint: str, second_bad: bool
+) -> None:
+    """Both disks' targets are opened at once; the first bad one, in disk order, is named,
+    nothing is copied to the other, and the snapshot goes."""
+    tb = data
+    first = qemu_nbd(
+        tmp_path, 1 * MiB if bad == "small" else 192 * MiB, bad, read_only=bad == "read_only"
+    )
+    good = None if second_bad else tb.add_target("bigvm", 2001)
+    second = qemu_nbd(tmp_path, 1 * MiB, "second") if second_bad else None
+    try:
+        urls = {2000: first.url, 2001: second.url if second else good["nbd_url"]}
+        job_id = f"unusable-{bad}-{second_bad}"
+        run = run_client(tb, "bigvm", urls, "--backup-type", "full", job_id=job_id)
+    finally:
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+    assert run.returncode == 1
+    (error,) = run.of("error")
+    assert complaint.format(port=first.port) in error["message"], error
+    assert error["disk_key"] == "2000"
+    assert not run.of("disk_start")
+    if good is not None:
+        tb.stop_target(good["export"])
+        assert has_no_data(good["qcow2"])
     assert snapshots(tb, "bigvm") == []
 
 

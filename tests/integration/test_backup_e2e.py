@@ -206,10 +206,13 @@ def test_full_then_incremental_of_odd_disks(
     bases = hub_targets(tb, "e2eodd")
     assert set(bases) == set(ODD)
 
-    # The full: every disk of three controllers, odd capacities, sparse.
+    # The full: every disk of three controllers, odd capacities, sparse; run by the
+    # real client as a spare (started before the job, handed it over its stdin).
+    sna.api.wait_spare_ready()
     job = job_ids("full")
     started, full = run_backup(sna.api, backup_request(tb, "e2eodd", job, bases, "full"))
     assert_completed(full)
+    assert f" in spare client pid {started['pid']} " in sna.job_log(job).read_text()
     assert full.running_percents(), "the job was never seen running"
     assert all(p <= 99.99 for p in full.running_percents()), full.running_percents()
     check_progress_endpoint(sna, job, "completed", "completed")
@@ -237,8 +240,10 @@ def test_full_then_incremental_of_odd_disks(
     previous = {str(k): d["change_id"] for k, d in full.disks.items()}
     job = job_ids("incr")
     body = backup_request(tb, "e2eodd", job, overlays, "incremental", previous_change_ids=previous)
+    sna.api.wait_spare_ready()  # the replacement spare
     _, incr = run_backup(sna.api, body)
     assert_completed(incr)
+    assert " in spare client pid " in sna.job_log(job).read_text()
     assert all(p <= 99.99 for p in incr.running_percents()), incr.running_percents()
     for key, disk in incr.disks.items():
         changed = blocks(ranges_of(ODD_CHANGES[key]), ODD[key])
@@ -415,11 +420,12 @@ def test_client_killed_mid_copy_has_its_snapshot_removed_by_the_daemon(
     sna = start_sna(daemon_factory, HUB_PORTS)
     targets = {key: tb.add_target("e2ebig", key) for key in (2000, 2001)}
     job = job_ids("sbckill")
+    sna.api.wait_spare_ready()  # a spare: its argv names no job, the daemon still cleans up
     started = sna.api.start(backup_request(tb, "e2ebig", job, targets, "full"))
     wait_running_until(sna.api, job, mid_copy(2000), "bytes copied")
-    # Our client, named by the job's log (a spare's argv names no job).
     assert any(a.endswith("sendense-backup-client") for a in cmdline(started["pid"]))
-    assert f"pid {started['pid']}" in (sna.log_dir / f"backup-{job}.log").read_text()
+    assert "standby" in cmdline(started["pid"])
+    assert f" in spare client pid {started['pid']} " in sna.job_log(job).read_text()
     os.kill(started["pid"], signal.SIGKILL)
     run = follow(sna.api, job)
     final = run.final

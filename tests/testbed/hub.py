@@ -66,27 +66,25 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def listening(pid: int, port: int) -> bool:
-    """Whether process ``pid`` itself listens on TCP ``port``.
+def listening(pid: int, port: int, host: str = HOST) -> bool:
+    """Whether process ``pid`` itself holds the socket listening on ``host:port`` (IPv4).
 
-    Read from /proc rather than by connecting, so a probe neither takes one
-    of qemu-nbd's client slots nor mistakes another listener for ours.
+    Read from /proc rather than by connecting, so a probe neither takes one of
+    qemu-nbd's client slots nor mistakes another listener (another test run's,
+    on a shared machine) for ours.
     """
-    inodes = set()
+    local = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
     try:
         lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-            inodes.add(f"socket:[{fields[9]}]")
-    if not inodes:
-        return False
-    try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
+    # Columns: sl, local_address, rem_address, st (0A = LISTEN), ..., inode (9th).
+    inodes = {
+        f"socket:[{fields[9]}]"
+        for fields in (line.split() for line in lines)
+        if fields[1] == local and fields[3] == "0A"
+    }
     for fd in fds:
         try:
             if os.readlink(fd) in inodes:
