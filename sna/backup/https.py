@@ -142,6 +142,7 @@ class RangeConnection:
         self._response: Optional[Response] = None
         self._want = 0
         self._got = 0
+        self._close_after = False
         self._lowat = 1
 
     # -- opening -----------------------------------------------------------------------------
@@ -276,8 +277,7 @@ class RangeConnection:
         into[: len(rest)] = rest
         self._got = len(rest)
         self._response = Response(status, reason, headers, self._want)
-        if "close" in headers.get("connection", "").lower():
-            self._out = b"close"  # marks: close once the body is in
+        self._close_after = "close" in headers.get("connection", "").lower()
         self._step = self._body_step
         self._body_step()
 
@@ -300,7 +300,7 @@ class RangeConnection:
         response = self._response
         assert response is not None
         # More than the body (the TLS layer holds bytes nobody asked for): not reusable.
-        self._finish(response, close=self._out == b"close" or self._sock.pending() > 0)
+        self._finish(response, close=self._close_after or self._sock.pending() > 0)
 
     def _low_water(self, remaining: int) -> None:
         """Be woken only once a good part of what is left has arrived.

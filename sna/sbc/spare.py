@@ -19,7 +19,7 @@ the handover a spare's output goes to the daemon's log.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -174,7 +174,7 @@ class SparePool(Service):
         self,
         reactor: IReactorProcess,
         clock: IReactorTime,
-        executable: Any,
+        executable: Callable[[], str],
         prefix: Sequence[str],
         env: Mapping[str, str],
         size: int = 1,
