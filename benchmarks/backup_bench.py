@@ -81,6 +81,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sna.contract.ids import log_file_name  # noqa: E402
 from tests.testbed import Testbed, human_size, parse_size  # noqa: E402
 from tests.testbed.sna import Sna  # noqa: E402
 
@@ -132,7 +133,7 @@ class BenchSna(Sna):
     def job_log(self, job_id: str) -> list[tuple[float, str, str]]:
         """The job log as (time, stream, text): ``sna``, ``stdout`` or ``stderr`` lines."""
         lines = []
-        for line in (self.log_dir / f"backup-{job_id}.log").read_text().splitlines():
+        for line in (self.log_dir / log_file_name(job_id)).read_text().splitlines():
             stamp, _, rest = line.partition(" ")
             stream, _, text = rest.partition(" ")
             lines.append((parse_time(stamp), stream, text))

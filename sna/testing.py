@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from sna.contract import ids
 from sna.jobs.model import BackupRequest, Job
 from sna.jobs.store import IJobStore
 from sna.nbd.gateway import ITargetGateway
@@ -184,7 +185,7 @@ class FakeLauncher:
     def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
         self.check()
         self._log_dir.current.makedirs(ignoreExistingDirectory=True)
-        job_log = JobLog(self._log_dir.current.child(f"backup-{request.job_id}.log"), fixed_now)
+        job_log = JobLog(self._log_dir.current.child(ids.log_file_name(request.job_id)), fixed_now)
         parser = parser_for(self.command.legacy)
         protocol = BackupClientProtocol(
             request.job_id,

@@ -488,7 +488,10 @@ def standby(argv: list[str]) -> Optional[list[str]]:
     assert isinstance(argv, list)
     # A spare's argv names no job: an open memfd named after it lets tests find
     # this process by job (/proc/PID/fd/N -> "/memfd:sbc-double-job:ID (deleted)").
-    job_id = argv[argv.index("--job-id") + 1] if "--job-id" in argv else "?"
+    job_id = next(
+        (a.partition("=")[2] for a in argv if a.startswith("--job-id=")),
+        argv[argv.index("--job-id") + 1] if "--job-id" in argv else "?",
+    )
     HELD.append(os.memfd_create(f"{JOB_MEMFD}{job_id}"))
     return argv
 

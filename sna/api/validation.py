@@ -7,7 +7,6 @@ the Go SNA's messages where it had one (``vm_name is required``).
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from twisted.web.iweb import IRequest
 
 from sna.api.http import ApiError
 from sna.config import Settings, normalise_host
+from sna.contract import ids
 from sna.jobs.model import BackupRequest, NbdTarget, PushedProgress
 from sna.vmware.interface import (
     Credentials,
@@ -24,9 +24,6 @@ from sna.vmware.interface import (
     normalise_thumbprint,
     parse_address,
 )
-
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-JOB_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 #: The SHA sends this literally when it does not know the previous change ID.
 PLACEHOLDER = "PLACEHOLDER"
@@ -69,9 +66,11 @@ def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str
 
 
 def check_job_id(job_id: str) -> str:
-    if not JOB_ID.fullmatch(job_id):
-        raise invalid("job_id", f"job_id {job_id[:140]!r} is not valid: use {JOB_ID_RULE}")
-    return job_id
+    """The SHA's job id, byte for byte, if it can be one (:mod:`sna.contract.ids`)."""
+    try:
+        return ids.check_job_id(job_id)
+    except ids.InvalidJobId as e:
+        raise invalid("job_id", f"{e} ({ids.JOB_ID_RULE})") from None
 
 
 def parse_targets(text: str, settings: Settings) -> tuple[NbdTarget, ...]:

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, Optional
 import attrs
 
 from sna.backup.tls import TlsSettings, normalise_thumbprint
+from sna.contract import ids
 
 PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
 JOB_ID_ENV = "MIGRATEKIT_JOB_ID"
@@ -93,7 +94,7 @@ class JobOptions:
 
     @property
     def snapshot_name(self) -> str:
-        return f"sbak-{self.job_id}"
+        return ids.snapshot_name(self.job_id)
 
     @property
     def endpoint(self) -> str:
@@ -335,12 +336,14 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
     password = environ.get(PASSWORD_ENV) or args.vmware_password
     if not password:
         raise UsageError(f"no vCenter password: set {PASSWORD_ENV}")
-    job_id = (args.job_id or environ.get(JOB_ID_ENV, "")).strip()
+    # Byte for byte, as the daemon and the SHA have it: never stripped.
+    job_id = args.job_id or environ.get(JOB_ID_ENV, "")
     if not job_id:
         raise UsageError(f"no job id: pass --job-id or set {JOB_ID_ENV}")
-    if len(job_id) > 72 or any(not c.isprintable() for c in job_id):
-        # vSphere limits snapshot names to 80 characters; "sbak-" takes 5.
-        raise UsageError("--job-id is too long (at most 72 characters) or not printable")
+    try:
+        ids.check_job_id(job_id)
+    except ids.InvalidJobId as e:
+        raise UsageError(f"--job-id: {e}") from None
     if args.nbd_targets.strip():
         targets = parse_targets(args.nbd_targets)
     else:

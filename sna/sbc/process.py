@@ -10,7 +10,6 @@ stops a child procmon-style: TERM, then KILL after a grace period.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
 from sna import standby
+from sna.contract import argv as cli
+from sna.contract import ids
 from sna.jobs.model import BackupRequest
 from sna.sbc import events
 from sna.sbc.parse import ILineParser, parser_for
@@ -128,40 +129,42 @@ class ClientCommand:
         return os.path.abspath(found)
 
     def arguments(self, request: BackupRequest) -> list[str]:
-        """argv after the program: the Go client's ``migrate`` command line."""
-        args = [
-            *self.argv[1:],
-            "migrate",
-            "--vmware-endpoint",
-            request.vcenter_host,
-            "--vmware-username",
-            request.vcenter_user,
+        """argv after the program: the Go client's ``migrate`` command line.
+
+        Each value is one ``--flag=value`` word (:mod:`sna.contract.argv`).
+        """
+        values = [
+            ("--vmware-endpoint", request.vcenter_host),
+            ("--vmware-username", request.vcenter_user),
         ]
         if self.legacy:
             # The Go client reads the password nowhere else; only it gets it on argv.
-            args += ["--vmware-password", request.vcenter_password]
-        args += [
-            "--vmware-path",
-            request.vm_path,
-            "--nbd-targets",
-            request.nbd_targets,
-            "--job-id",
-            request.job_id,
+            values.append(("--vmware-password", request.vcenter_password))
+        values += [
+            ("--vmware-path", request.vm_path),
+            ("--nbd-targets", request.nbd_targets),
+            ("--job-id", request.job_id),
         ]
+        flags: list[str] = []
         if not self.legacy:
-            args += ["--backup-type", request.backup_type]
+            values.append(("--backup-type", request.backup_type))
             if request.previous_change_id:
-                args += ["--previous-change-id", request.previous_change_id]
+                values.append(("--previous-change-id", request.previous_change_id))
             if request.previous_change_ids:
                 by_disk = json.dumps(dict(request.previous_change_ids), separators=(",", ":"))
-                args += ["--previous-change-ids", by_disk]
+                values.append(("--previous-change-ids", by_disk))
             if request.vcenter_thumbprint:
-                args += ["--vcenter-thumbprint", request.vcenter_thumbprint]
+                values.append(("--vcenter-thumbprint", request.vcenter_thumbprint))
             if self.insecure:
-                args.append("--insecure")
+                flags.append("--insecure")
             if self.ca_file:
-                args += ["--vcenter-ca-file", self.ca_file]
-        return args
+                values.append(("--vcenter-ca-file", self.ca_file))
+        return [
+            *self.argv[1:],
+            "migrate",
+            *(cli.option(name, value) for name, value in values),
+            *flags,
+        ]
 
     @staticmethod
     def base_environment(base: Mapping[str, str]) -> dict[str, str]:
@@ -182,7 +185,8 @@ class ClientCommand:
 
 
 class JobLog:
-    """``backup-{job_id}.log``: every line of both streams, timestamped, appended."""
+    """A job's log (:func:`sna.contract.ids.log_file_name`): every line of both
+    streams, timestamped, appended."""
 
     def __init__(self, path: FilePath[str], now: Callable[[], datetime]) -> None:
         self.path = path
@@ -434,7 +438,7 @@ class ProcessLauncher:
         self.command.executable()
 
     def log_path(self, job_id: str) -> FilePath[str]:
-        return self._log_dir.current.child(f"backup-{job_id}.log")
+        return self._log_dir.current.child(ids.log_file_name(job_id))
 
     def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
         executable = self.command.executable()
@@ -509,7 +513,17 @@ class ProcessLauncher:
     @staticmethod
     def _shown(args: Sequence[str], request: BackupRequest) -> str:
         """The command line as it may be logged: the password masked."""
-        return shlex.join(MASK if a == request.vcenter_password else a for a in args)
+        password = request.vcenter_password
+
+        def shown(word: str) -> str:
+            name, sep, value = word.partition("=")
+            if word == password:
+                return MASK
+            if sep and name.startswith("--") and value == password:
+                return f"{name}={MASK}"
+            return word
+
+        return shlex.join(shown(a) for a in args)
 
 
 def process_cmdline(pid: int) -> Optional[list[str]]:
@@ -530,10 +544,9 @@ def is_client_of(pid: int, job_id: str, spare_id: Optional[str] = None) -> bool:
     argv = process_cmdline(pid)
     if not argv:
         return False
-    names = {("--job-id", job_id)}
-    if spare_id:
-        names.add((standby.SPARE_ID_OPTION, spare_id))
-    return any(pair in names for pair in itertools.pairwise(argv))
+    if cli.option_value(argv, "--job-id") == job_id:
+        return True
+    return spare_id is not None and cli.option_value(argv, standby.SPARE_ID_OPTION) == spare_id
 
 
 def terminate_leftover(

@@ -34,6 +34,8 @@ from typing import Any, Optional, TypeVar
 
 import pytest
 
+from sna.contract.argv import option_value
+from sna.contract.ids import log_file_name
 from tests.integration.nbd_fixtures import NbdServerProcess, nbdkit_on_ports
 from tests.sbc_double import JOB_MEMFD
 
@@ -115,9 +117,9 @@ def job_of(pid: int) -> Optional[str]:
     """The job a process is a client of: its ``--job-id``, or for a spare double
     (whose argv names no job) the name of the memfd it holds; ``None`` if neither."""
     argv = cmdline(pid)
-    for a, b in itertools.pairwise(argv):
-        if a == "--job-id":
-            return b
+    job_id = option_value(argv, "--job-id")
+    if job_id is not None:
+        return job_id
     if "standby" not in argv:
         return None
     try:
@@ -418,7 +420,7 @@ class Daemon:
         return self.start()
 
     def job_log(self, job_id: str) -> Path:
-        return self.log_dir / f"backup-{job_id}.log"
+        return self.log_dir / log_file_name(job_id)
 
     def job_logs(self) -> set[str]:
         return {p.name for p in self.log_dir.glob("backup-*.log")}

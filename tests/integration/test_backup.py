@@ -7,6 +7,7 @@ from datetime import datetime
 
 import pytest
 
+from sna.contract.argv import option_value
 from tests.integration.harness import (
     Daemon,
     JobIds,
@@ -162,7 +163,7 @@ def test_incremental_two_disks(sna: Daemon, job_ids: JobIds) -> None:
         ("full", True),
     ]
     argv = double_invocation(sna.job_log(placeholder_id).read_text())["argv"]
-    assert argv[argv.index("--backup-type") + 1] == "incremental"
+    assert option_value(argv, "--backup-type") == "incremental"
     assert "--previous-change-id" not in argv
     assert "PLACEHOLDER" not in argv
 
@@ -196,8 +197,8 @@ def test_incremental_two_disks(sna: Daemon, job_ids: JobIds) -> None:
     assert all(d["status"] == "completed" for d in status["disks"])
 
     argv = double_invocation(sna.job_log(job_id).read_text())["argv"]
-    assert argv[argv.index("--backup-type") + 1] == "incremental"
-    assert argv[argv.index("--previous-change-id") + 1] == previous
+    assert option_value(argv, "--backup-type") == "incremental"
+    assert option_value(argv, "--previous-change-id") == previous
     # The client is given the daemon's relays in front of the targets, not the targets.
     relay_ports = [d["relay_port"] for d in status["disks"]]
     assert all(isinstance(p, int) for p in relay_ports) and not set(relay_ports) & set(ports)
@@ -205,7 +206,7 @@ def test_incremental_two_disks(sna: Daemon, job_ids: JobIds) -> None:
         f"{key}:nbd://127.0.0.1:{port}/pgtest1-disk{i}"
         for i, (key, port) in enumerate(zip(["2000", "2001"], relay_ports, strict=True))
     )
-    assert argv[argv.index("--nbd-targets") + 1] == relayed
+    assert option_value(argv, "--nbd-targets") == relayed
 
     sha = sna.api.get(f"/api/v1/jobs/{job_id}/status").json()
     assert sha["status"] == "completed"

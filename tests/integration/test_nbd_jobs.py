@@ -22,6 +22,7 @@ from typing import Any, Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sna.contract.argv import option_value
 from tests.integration.harness import (
     Daemon,
     JobIds,
@@ -453,7 +454,7 @@ def test_written_bytes_cross_the_relay_unchanged(
 
     # The client was given the relays, never the hub's ports.
     argv = double_invocation(daemon.job_log(job_id).read_text())["argv"]
-    assert argv[argv.index("--nbd-targets") + 1] == ",".join(
+    assert option_value(argv, "--nbd-targets") == ",".join(
         nbd_target(d["disk_key"], d["relay_port"], d["export"]) for d in disks
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -90,12 +91,58 @@ def test_field_errors(
     assert harness.launcher.requests == {}
 
 
-@pytest.mark.parametrize("job_id", ["../etc/passwd", "x/../../tmp/pwn", "a" * 129, "-lead", "a b"])
-def test_job_ids_that_cannot_be_file_names(harness: Harness, job_id: str) -> None:
+@pytest.mark.parametrize(
+    "job_id, reason",
+    [
+        ("x/../../tmp/pwn", "must not contain '/'"),
+        ("backup-a/b-1", "must not contain '/'"),
+        ("backup-a\tb-1", "control character (U+0009) at position 9"),
+        ("backup-\x1b[2J-1", "control character (U+001B)"),
+        ("backup-\x7f-1", "control character (U+007F)"),
+        ("   ", "blank"),
+        ("a" * 256, "256 characters, more than the 255 allowed"),
+    ],
+)
+def test_what_cannot_be_a_job_id_is_refused(harness: Harness, job_id: str, reason: str) -> None:
     code, body = harness.request("POST", "/api/v1/backup/start", backup_body(job_id=job_id))
     assert (code, body["field"]) == (400, "job_id")
-    assert "is not valid" in body["message"]
+    assert reason in body["message"]
     assert harness.launcher.requests == {}
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    [
+        "backup-SQL Server 01-1796166100",
+        "backup-Büro-Server (alt) v1.2-1796166100",
+        "backup-日本語のVM-1796166100",
+        "-lead",
+        "..",
+        "backup-50% done #1?-1796166100",
+        "a" * 255,
+    ],
+)
+def test_job_ids_as_the_sha_makes_them(harness: Harness, job_id: str) -> None:
+    code, body = harness.request("POST", "/api/v1/backup/start", backup_body(job_id=job_id))
+    assert (code, body["job_id"]) == (200, job_id)
+    assert harness.launcher.requests[job_id].job_id == job_id
+    quoted = urllib.parse.quote(job_id, safe="")
+    for path in (f"/api/v1/status/{quoted}", f"/api/v1/jobs/{quoted}/status"):
+        code, body = harness.request("GET", path)
+        assert (code, body["job_id"]) == (200, job_id), path
+    code, body = harness.request("GET", f"/api/v1/progress/{quoted}")
+    assert (code, body["job_id"]) == (200, job_id)
+    code, body = harness.request("POST", f"/api/v1/jobs/{quoted}/cancel")
+    assert (code, body["job_id"]) == (202, job_id)
+
+
+def test_a_percent_in_a_job_id_is_decoded_once(harness: Harness) -> None:
+    job_id = "backup-100%20-1"
+    assert harness.request("POST", "/api/v1/backup/start", backup_body(job_id=job_id))[0] == 200
+    code, body = harness.request("GET", "/api/v1/status/backup-100%2520-1")
+    assert (code, body["job_id"]) == (200, job_id)
+    code, body = harness.request("GET", "/api/v1/status/backup-100%20-1")
+    assert (code, body["error"]) == (404, "job_not_found")
 
 
 @pytest.mark.parametrize(
@@ -456,8 +503,8 @@ def test_previous_change_ids_per_disk(harness: Harness) -> None:
     request = harness.launcher.requests["backup-pgtest1-1760099954"]
     assert request.previous_change_ids == (("2000", "52 aa/7"),)
     args = harness.launcher.command.arguments(request)
-    assert args[args.index("--previous-change-ids") + 1] == '{"2000":"52 aa/7"}'
-    assert args[args.index("--vcenter-thumbprint") + 1] == ":".join(["AB"] * 20)
+    assert '--previous-change-ids={"2000":"52 aa/7"}' in args
+    assert "--vcenter-thumbprint=" + ":".join(["AB"] * 20) in args
     status = harness.request("GET", "/api/v1/status/backup-pgtest1-1760099954")[1]
     assert [d["previous_change_id"] for d in status["disks"]] == ["52 aa/7", None]
 

@@ -147,7 +147,10 @@ def test_target_zero_trust() -> None:
         (["--chunk-size", "0"], "positive"),
         (["--chunk-size", "1000000"], "multiple of 4096"),
         (["--no-such-flag"], "unrecognized"),
-        (["--job-id", "x" * 80], "too long"),
+        (["--job-id", "x" * 256], "more than the 255 allowed"),
+        (["--job-id=backup-a/b-1"], "must not contain '/'"),
+        (["--job-id=backup-\x1b[31m-1"], "control character"),
+        (["--job-id= "], "blank"),
     ],
 )
 def test_refused(extra: list[str], message: str) -> None:

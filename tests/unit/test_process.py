@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import attrs
 import pytest
 from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from sna.backup.options import parse_args
 from sna.jobs.model import BackupRequest, NbdTarget
 from sna.sbc import events
 from sna.sbc.parse import JsonLineParser
@@ -49,24 +51,17 @@ REQUEST = BackupRequest(
 def test_our_client_gets_the_password_in_its_environment_only() -> None:
     command = ClientCommand.parse("/usr/bin/sendense-backup-client")
     args = command.arguments(REQUEST)
-    assert "pa55 word" not in args
-    assert (
-        args[:9]
-        == [
-            "migrate",
-            "--vmware-endpoint",
-            "vcenter.example.local",
-            "--vmware-username",
-            "admin",
-            "--vmware-path",
-            "/DC1/vm/vm",
-            "--nbd-targets",
-            "2000:nbd://127.0.0.1:10100/vm-disk0,2001:nbd://127.0.0.1:10101/vm-disk1",
-        ][:9]
-    )
-    assert args[args.index("--job-id") + 1] == "backup-vm-1"
-    assert args[args.index("--backup-type") + 1] == "incremental"
-    assert args[args.index("--previous-change-id") + 1] == "52 66/5440"
+    assert not any("pa55 word" in a for a in args)
+    assert args == [
+        "migrate",
+        "--vmware-endpoint=vcenter.example.local",
+        "--vmware-username=admin",
+        "--vmware-path=/DC1/vm/vm",
+        "--nbd-targets=2000:nbd://127.0.0.1:10100/vm-disk0,2001:nbd://127.0.0.1:10101/vm-disk1",
+        "--job-id=backup-vm-1",
+        "--backup-type=incremental",
+        "--previous-change-id=52 66/5440",
+    ]
     env = command.environment(REQUEST, {"PATH": "/bin", "SECRET_TOKEN": "x", "HOME": "/root"})
     assert env == {
         "PATH": "/bin",
@@ -76,22 +71,36 @@ def test_our_client_gets_the_password_in_its_environment_only() -> None:
     }
 
 
-def test_the_legacy_client_gets_the_go_argv_exactly() -> None:
+@pytest.mark.parametrize(
+    "job_id, user",
+    [
+        ("backup-SQL Server 01-1796166100", "administrator@vsphere.local"),
+        ("-backup-starting-with-a-dash", "-admin"),
+        ("backup-Büro (alt) v1.2-1796166100", "DOMAIN\\backup user"),
+        ("backup-" + "x" * 236 + "-1796166100", "--vmware-path=/evil"),
+    ],
+)
+def test_what_the_daemon_writes_our_client_reads_back(job_id: str, user: str) -> None:
+    request = attrs.evolve(REQUEST, job_id=job_id, vcenter_user=user)
+    command = ClientCommand.parse("/usr/bin/sendense-backup-client")
+    environ = command.environment(request, {})
+    options = parse_args(command.arguments(request), environ)
+    assert (options.job_id, options.user, options.vm_path) == (job_id, user, "/DC1/vm/vm")
+    assert options.password == "pa55 word" and not options.password_from_argv
+    assert [t.disk_key for t in options.targets] == ["2000", "2001"]
+    assert options.previous_change_id == "52 66/5440"
+
+
+def test_the_legacy_client_gets_the_go_argv_as_one_word_per_flag() -> None:
     command = ClientCommand.parse("/usr/local/bin/migratekit", legacy=True)
     assert command.arguments(REQUEST) == [
         "migrate",
-        "--vmware-endpoint",
-        "vcenter.example.local",
-        "--vmware-username",
-        "admin",
-        "--vmware-password",
-        "pa55 word",
-        "--vmware-path",
-        "/DC1/vm/vm",
-        "--nbd-targets",
-        "2000:nbd://127.0.0.1:10100/vm-disk0,2001:nbd://127.0.0.1:10101/vm-disk1",
-        "--job-id",
-        "backup-vm-1",
+        "--vmware-endpoint=vcenter.example.local",
+        "--vmware-username=admin",
+        "--vmware-password=pa55 word",
+        "--vmware-path=/DC1/vm/vm",
+        "--nbd-targets=2000:nbd://127.0.0.1:10100/vm-disk0,2001:nbd://127.0.0.1:10101/vm-disk1",
+        "--job-id=backup-vm-1",
     ]
     env = command.environment(REQUEST, {})
     assert PASSWORD_ENV not in env
@@ -230,10 +239,10 @@ def test_launcher_masks_the_password_in_the_job_log(tmp_path: Path) -> None:
     [(transport, args, _env)] = reactor.spawned
     assert process.pid == transport.pid
     assert args[0] == os.path.abspath(sys.executable)
-    assert "pa55 word" in args  # legacy: the Go client reads it from argv
+    assert "--vmware-password=pa55 word" in args  # legacy: the Go client reads it from argv
     text = (tmp_path / "backup-backup-vm-1.log").read_text()
     assert "pa55 word" not in text
-    assert "--vmware-password '********'" in text
+    assert "'--vmware-password=********'" in text
 
 
 def test_is_client_of_reads_the_real_cmdline() -> None:

@@ -245,7 +245,7 @@ def test_without_a_ready_spare_the_job_spawns_its_own(
     assert len(reactor.spawned) == 2
     transport, args, env = reactor.spawned[1]
     assert process.pid == transport.pid and process.spare_id is None
-    assert "--job-id" in args and env["SNA_VCENTER_PASSWORD"] == "pa55 word"
+    assert "--job-id=backup-vm-1" in args and env["SNA_VCENTER_PASSWORD"] == "pa55 word"
 
 
 def test_the_legacy_client_has_no_spares(tmp_path: Path) -> None:

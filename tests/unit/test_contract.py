@@ -1,0 +1,122 @@
+"""The rules both sides share: job ids, the names made of them, disk identity, argv words."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sna.contract import argv, disks, ids
+
+SHA_IDS = [
+    "backup-pgtest1-1760099954",
+    "backup-SQL Server 01-1796166100",
+    "backup-Büro-Server (alt) v1.2-1796166100",
+    "backup-50% done-1",
+    "..",
+]
+
+
+@pytest.mark.parametrize("job_id", SHA_IDS)
+def test_the_sha_s_ids_are_job_ids(job_id: str) -> None:
+    assert ids.check_job_id(job_id) == job_id
+
+
+@pytest.mark.parametrize(
+    "job_id, reason",
+    [
+        ("", "empty"),
+        (" \t", "blank"),
+        ("a/b", "'/'"),
+        ("a\nb", "U+000A"),
+        ("a\x85b", "U+0085"),
+        ("a\ud800", "U+D800"),
+        ("é" * 256, "256 characters"),
+    ],
+)
+def test_what_cannot_be_an_id(job_id: str, reason: str) -> None:
+    with pytest.raises(ids.InvalidJobId, match=reason.replace("+", r"\+")):
+        ids.check_job_id(job_id)
+
+
+def test_log_file_names_of_plain_ids_are_unchanged() -> None:
+    assert ids.log_file_name("backup-pgtest1-1760099954") == "backup-backup-pgtest1-1760099954.log"
+
+
+@given(
+    st.text(
+        st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/"),
+        min_size=1,
+        max_size=255,
+    )
+)
+def test_log_file_names_are_safe_and_reversible(job_id: str) -> None:
+    name = ids.log_file_name(job_id)
+    assert len(name.encode()) <= 255
+    assert name.isascii() and "/" not in name and name.startswith("backup-")
+    stem = name.removeprefix("backup-").removesuffix(".log")
+    if "~" not in stem:
+        assert urllib.parse.unquote(stem) == job_id
+    else:
+        # Shortened: what is kept still decodes to the id's beginning.
+        kept = urllib.parse.unquote(stem.rpartition("~")[0], errors="strict")
+        assert job_id.startswith(kept)
+
+
+def test_long_ids_get_distinct_short_names() -> None:
+    a, b = "backup-" + "ü" * 200 + "-1", "backup-" + "ü" * 200 + "-2"
+    assert ids.log_file_name(a) != ids.log_file_name(b)
+    assert ids.snapshot_name(a) != ids.snapshot_name(b)
+    assert len(ids.snapshot_name(a)) == ids.MAX_SNAPSHOT_NAME
+
+
+def test_snapshot_names() -> None:
+    assert ids.snapshot_name("backup-SQL Server 01-1") == "sbak-backup-SQL Server 01-1"
+    # As long as vSphere allows: kept whole (what the client always named its snapshots).
+    assert ids.snapshot_name("x" * 75) == "sbak-" + "x" * 75
+    assert ids.snapshot_name("x" * 76).startswith("sbak-" + "x" * 58 + "~")
+    assert ids.job_snapshot_names("j") == {"sbak-j", "srep-j"}
+
+
+def test_the_sha_disk_order_is_by_text() -> None:
+    assert disks.sha_order(["2000", "16000", "2001"]) == ["16000", "2000", "2001"]
+    assert disks.disk_indexes(["2001", "2000"]) == {"2000": 0, "2001": 1}
+
+
+def test_targets_keyed_by_the_vm_s_keys_map_exactly() -> None:
+    mapping = disks.map_disks(["2000", "16000"], ["16000", "2000"])
+    assert mapping is not None and mapping.mode == "exact"
+    assert mapping.targets == {"2000": "2000", "16000": "16000"}
+
+
+def test_targets_keyed_the_sha_s_way_map_by_position() -> None:
+    # SCSI 2000 and SATA 16000: the SHA sorts "disk-16000" first, so it is 2000.
+    mapping = disks.map_disks(["2000", "16000"], ["2000", "2001"])
+    assert mapping is not None and mapping.mode == "positional"
+    assert mapping.targets == {"16000": "2000", "2000": "2001"}
+    gap = disks.map_disks(["2000", "2001", "2002", "2008"], disks.sha_keys(4))
+    assert gap is not None and gap.targets["2008"] == "2003"
+
+
+@pytest.mark.parametrize(
+    "disk_keys, target_keys",
+    [
+        (["2000", "2001"], ["2000"]),  # a disk without a target
+        (["2000"], ["2000", "2001"]),  # a target without a disk
+        (["2000", "16000"], ["2000", "2002"]),  # neither the VM's keys nor the SHA's
+        (["2000", "2016"], ["2001", "2002"]),
+        (["2000", "2001"], ["2000", "2000"]),
+    ],
+)
+def test_other_mismatches_map_nothing(disk_keys: list[str], target_keys: list[str]) -> None:
+    assert disks.map_disks(disk_keys, target_keys) is None
+
+
+def test_argv_words() -> None:
+    assert argv.option("--job-id", "-x y") == "--job-id=-x y"
+    assert argv.option_value(["migrate", "--job-id=-x=y"], "--job-id") == "-x=y"
+    assert argv.option_value(["--job-id", "j"], "--job-id") == "j"
+    assert argv.option_value(["--job-ids=j"], "--job-id") is None
+    assert argv.option_value(["--job-id"], "--job-id") is None
