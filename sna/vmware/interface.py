@@ -154,9 +154,16 @@ class IVSphere(Interface):
     """Every vSphere operation the API offers; each runs off the reactor thread."""
 
     def discover(
-        credentials: Credentials, datacenter: Optional[str], name_filter: Optional[str]
+        credentials: Credentials,
+        datacenter: Optional[str],
+        name_filter: Optional[str],
+        vcenter: Optional[str] = None,
     ) -> Deferred[dict[str, Any]]:
-        """``{"vcenter": {...}, "vms": [...]}`` as ``POST /api/v1/discover`` answers."""
+        """``{"vcenter": {...}, "vms": [...]}`` as ``POST /api/v1/discover`` answers.
+
+        ``vcenter`` is the vCenter as the request named it, given back
+        unchanged as ``vcenter.host`` (``host:port`` when it is not given).
+        """
 
     def cbt_status(credentials: Credentials, vm_path: str) -> Deferred[dict[str, Any]]:
         """``{"enabled", "vm_name", "power_state", "vm_path", ...}`` for one VM."""
@@ -172,12 +179,15 @@ class IVSphere(Interface):
     def power_off(
         credentials: Credentials, vm_id: str, force: bool, timeout: float
     ) -> Deferred[dict[str, Any]]:
-        """Shut the guest down (or power off when ``force`` or without tools)."""
+        """Shut the guest down (or power off when ``force`` or without tools).
+
+        Answers within ``timeout`` and at most 50 s, the VM off or not yet.
+        """
 
     def power_on(
         credentials: Credentials, vm_id: str, wait_for_tools: bool, timeout: float
     ) -> Deferred[dict[str, Any]]:
-        """Power the VM on."""
+        """Power the VM on; answers within ``timeout`` and at most 50 s."""
 
     def power_state(credentials: Credentials, vm_id: str) -> Deferred[dict[str, Any]]:
         """The VM's power and tools state."""

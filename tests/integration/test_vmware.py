@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import pytest
@@ -39,6 +39,7 @@ from sna.vmware.interface import (
 )
 from sna.vmware.sessions import SessionPool
 from sna.vmware.vsphere import VSphere
+from tests.integration.harness import Daemon
 from tests.testbed import Testbed, testbed_fixture
 
 pytestmark = pytest.mark.integration
@@ -212,7 +213,7 @@ async def test_discover_reports_the_declared_disks_and_networks(
     vsphere: VSphere, creds: Credentials, testbed: Testbed
 ) -> None:
     answer = await vsphere.discover(creds, "DC0", "pgtest1")
-    assert answer["vcenter"] == {"host": "127.0.0.1", "datacenter": "DC0"}
+    assert answer["vcenter"] == {"host": f"127.0.0.1:{creds.port}", "datacenter": "DC0"}
     vm = answer["vms"][0]
     declared = testbed.vm("pgtest1")
     assert set(vm) == VM_FIELDS
@@ -273,6 +274,21 @@ async def test_filter_lists_exact_names_before_substrings(
     everything = await names(None)
     assert sorted(everything) == sorted(vm["name"] for vm in SPEC["vms"])
     assert await names("", "DC0") == everything
+
+
+def test_discover_names_the_vcenter_as_the_request_did(
+    testbed: Testbed, daemon_factory: Callable[..., Daemon]
+) -> None:
+    vc = testbed.vcenter
+    sna = daemon_factory(extra=("--vcenter-ca-file", vc["cert_file"]))
+    where = f"127.0.0.1:{vc['port']}"
+    for named in (where, f"https://{where}/sdk", f" {where} "):
+        body = {"vcenter": named, "username": vc["user"], "password": vc["password"]}
+        answer = sna.api.post("/api/v1/discover", {**body, "filter": "pgtest10"})
+        assert answer.status == 200, answer
+        found = answer.json()
+        assert found["vcenter"] == {"host": named, "datacenter": "DC0"}
+        assert [vm["name"] for vm in found["vms"]] == ["pgtest10"]
 
 
 @pytest_twisted.ensureDeferred
@@ -496,6 +512,34 @@ async def test_power_off_asks_the_guest_when_tools_run(
     assert vm_object(admin, testbed, "pgtest10").runtime.powerState == "poweredOff"
     on = await vsphere.power_on(creds, vm_id, True, 10)  # Tools "run" at once
     assert (on["success"], on["message"]) == (True, "VM power-on completed successfully")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_guest_still_shutting_down_is_answered_at_the_bound(
+    sessions: SessionPool,
+    creds: Credentials,
+    testbed: Testbed,
+    admin: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A guest that takes the shutdown request and stays on; the bound (normally
+    # 50 s) is made short, the request's timeout is the SHA's 300 s.
+    monkeypatch.setattr(vsphere_module, "_tools_running", lambda props: True)
+    vsphere = VSphere(sessions, poll_interval=0.05, answer_within=0.5)
+    asked: list[str] = []
+    vsphere.shutdown_guest = lambda conn, ident: asked.append(ident)  # type: ignore[method-assign]
+    declared = testbed.vm("spec-vm")
+    pending = vsphere.power_off(creds, declared["uuid"], False, 300)
+    off = await pending.addTimeout(CALL_TIMEOUT, reactor)  # bounds a hang; not a measurement
+    assert asked == [declared["moref"]]
+    assert (off["success"], off["new_state"], off["shutdown_method"]) == (
+        True,
+        "poweredOn",
+        "graceful",
+    )
+    assert off["message"].startswith("the guest is still shutting down after ")
+    assert off["message"].endswith(f"poll GET /api/v1/vm/{declared['uuid']}/power-state")
+    assert vm_object(admin, testbed, "spec-vm").runtime.powerState == "poweredOn"
 
 
 @pytest_twisted.ensureDeferred

@@ -17,8 +17,8 @@ def test_discover_passes_credentials_datacenter_and_filter(harness: Harness) -> 
     body = {**CREDS, "datacenter": "DC1", "filter": "pgtest1", "credential_id": 7}
     code, answer = harness.request("POST", "/api/v1/discover", body)
     assert (code, answer) == (200, {"vcenter": {"host": "x"}, "vms": []})
-    [(method, (creds, datacenter, name_filter))] = harness.vsphere.calls
-    assert method == "discover"
+    [(method, (creds, datacenter, name_filter, named))] = harness.vsphere.calls
+    assert (method, named) == ("discover", "vcenter.example.local")
     assert (creds.host, creds.port, creds.user, creds.password) == (
         "vcenter.example.local",
         443,
@@ -41,6 +41,25 @@ def test_vcenter_address_forms(harness: Harness, vcenter: str, where: tuple[str,
     harness.request("POST", "/api/v1/discover", {**CREDS, "vcenter": vcenter})
     creds = harness.vsphere.calls[0][1][0]
     assert (creds.host, creds.port) == where
+
+
+@pytest.mark.parametrize(
+    "vcenter",
+    [
+        "127.0.0.1:8989",
+        "vc.local",
+        "VC.Local:8443",
+        "https://vc.local:9443/sdk",
+        "https://vc.local/",
+        "[::1]:8443",
+        " vc.local:8443 ",
+    ],
+)
+def test_discover_names_the_vcenter_as_the_request_did(harness: Harness, vcenter: str) -> None:
+    # The Go SNA echoed the request's vcenter byte for byte; the SHA stores it.
+    harness.request("POST", "/api/v1/discover", {**CREDS, "vcenter": vcenter})
+    [(_, (_, _, _, named))] = harness.vsphere.calls
+    assert named == vcenter
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,11 @@ import attrs
 import pytest
 from pyVmomi import vim
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from sna.testing import HeldThreadPool, SameThread
 from sna.vmware.faults import ThumbprintMismatch
 from sna.vmware.interface import (
     AuthenticationFailed,
@@ -38,38 +37,6 @@ from sna.vmware.sessions import Connection, SessionPool, _PinnedContext, tls_con
 
 PASSWORD = "Very-Secret-9"
 CREDS = Credentials(host="vc.example.com", port=443, user="admin", password=PASSWORD)
-
-
-@implementer(IReactorFromThreads)
-class Immediate:
-    def callFromThread(self, f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-
-class HeldPool:
-    """A thread pool whose calls run when the test calls :meth:`run`."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Any, Callable[..., Any], tuple[Any, ...]]] = []
-
-    def callInThreadWithCallback(
-        self, on_result: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> None:
-        self.pending.append((on_result, f, args))
-
-    def run(self, count: Optional[int] = None) -> int:
-        """Run queued calls (and calls they queue), ``count`` of them or all; how many ran."""
-        done = 0
-        while self.pending and (count is None or done < count):
-            on_result, f, args = self.pending.pop(0)
-            try:
-                result = f(*args)
-            except BaseException:
-                on_result(False, Failure())
-            else:
-                on_result(True, result)
-            done += 1
-        return done
 
 
 @attrs.define
@@ -99,7 +66,7 @@ class FakeVCenter:
 @attrs.define
 class Rig:
     pool: SessionPool
-    threads: HeldPool
+    threads: HeldThreadPool
     clock: Clock
     vcenter: FakeVCenter
 
@@ -123,9 +90,9 @@ def result_of(d: Deferred[Any]) -> Any:
 
 @pytest.fixture
 def rig() -> Rig:
-    threads, clock, vcenter = HeldPool(), Clock(), FakeVCenter()
+    threads, clock, vcenter = HeldThreadPool(), Clock(), FakeVCenter()
     pool = SessionPool(
-        Immediate(),
+        SameThread(),
         threads,  # type: ignore[arg-type]
         clock=clock,
         idle_timeout=30,
@@ -330,7 +297,7 @@ def test_close_does_not_wait_forever(rig: Rig) -> None:
 
 def test_insecure_mode_warns_once() -> None:
     with capturedLogs() as events:
-        SessionPool(Immediate(), HeldPool(), clock=Clock(), insecure=True)  # type: ignore[arg-type]
+        SessionPool(SameThread(), HeldThreadPool(), clock=Clock(), insecure=True)  # type: ignore[arg-type]
     warnings = [e for e in events if "verification is OFF" in formatEvent(e)]
     assert len(warnings) == 1
     assert warnings[0]["log_level"].name == "warn"
