@@ -82,8 +82,11 @@ class DiskCopy:
         *,
         workers: int,
         stopped: Callable[[], Optional[str]] = lambda: None,
+        name: Optional[str] = None,
     ) -> None:
+        #: The key errors carry; ``name`` is how messages call the disk.
         self.disk_key = disk_key
+        self._name = name or f"disk {disk_key}"
         self._reader = reader
         self._target = target
         self._target_name = target_name
@@ -121,12 +124,12 @@ class DiskCopy:
             request = f"{what} of {op.length} bytes at offset {op.offset}"
             if isinstance(failure.value, ConnectionLost):
                 message = (
-                    f"disk {self.disk_key}: lost the connection to {self._target_name} "
+                    f"{self._name}: lost the connection to {self._target_name} "
                     f"({request}: {failure.value})"
                 )
             else:
                 message = (
-                    f"disk {self.disk_key}: {request} to {self._target_name} failed: "
+                    f"{self._name}: {request} to {self._target_name} failed: "
                     f"{_describe(failure.value)}"
                 )
             self._fail(CopyError(self.disk_key, message))
@@ -156,7 +159,7 @@ class DiskCopy:
                     self._fail(
                         CopyError(
                             self.disk_key,
-                            f"disk {self.disk_key}: reading {op.length} bytes at offset "
+                            f"{self._name}: reading {op.length} bytes at offset "
                             f"{op.offset} from {self._reader.description} failed: {_describe(e)}",
                         )
                     )
@@ -166,7 +169,7 @@ class DiskCopy:
                     self._fail(
                         CopyError(
                             self.disk_key,
-                            f"disk {self.disk_key}: the source gave {len(data)} bytes "
+                            f"{self._name}: the source gave {len(data)} bytes "
                             f"for {op.length} at offset {op.offset}",
                         )
                     )
@@ -183,7 +186,7 @@ class DiskCopy:
                 self._fail(
                     CopyError(
                         self.disk_key,
-                        f"disk {self.disk_key}: the connection to {self._target_name} "
+                        f"{self._name}: the connection to {self._target_name} "
                         f"failed: {_describe(e)}",
                     )
                 )
@@ -195,11 +198,11 @@ class DiskCopy:
         for ok, value in await DeferredList(workers, consumeErrors=True):
             if not ok and isinstance(value, Failure):
                 # A bug, not an I/O error (those are caught in the worker): keep its trace.
-                log.failure("disk {key}: copy worker crashed", value, key=self.disk_key)
+                log.failure("{disk}: copy worker crashed", value, disk=self._name)
                 self._fail(
                     CopyError(
                         self.disk_key,
-                        f"disk {self.disk_key}: internal error: {value.getErrorMessage()}",
+                        f"{self._name}: internal error: {value.getErrorMessage()}",
                     )
                 )
         while self._writes:
@@ -214,6 +217,6 @@ class DiskCopy:
         except Exception as e:
             raise CopyError(
                 self.disk_key,
-                f"disk {self.disk_key}: FLUSH of {self._target_name} failed: {_describe(e)}",
+                f"{self._name}: FLUSH of {self._target_name} failed: {_describe(e)}",
             ) from None
         return self.stats

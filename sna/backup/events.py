@@ -77,6 +77,7 @@ class EventWriter:
         self._stream = stream
         self._now = now
         self._secrets = tuple(s for s in secrets if s)
+        self._planned: set[str] = set()
         self._started: set[str] = set()
         self._finished: set[str] = set()
         self._done = False
@@ -104,6 +105,22 @@ class EventWriter:
 
     def phase(self, phase: str, message: str) -> None:
         self.emit("phase", phase=phase, message=message)
+
+    def disk_plan(
+        self, disk_key: str, sync_type: str, sync_reason: str, bytes_total: int, **extra: Value
+    ) -> None:
+        """What one disk's copy will do, sent for every disk before any is copied."""
+        if disk_key in self._planned or disk_key in self._started:
+            raise RuntimeError(f"disk_plan for disk {disk_key} after its plan or start")
+        self._planned.add(disk_key)
+        self.emit(
+            "disk_plan",
+            disk_key=disk_key,
+            sync_type=sync_type,
+            sync_reason=sync_reason,
+            bytes_total=bytes_total,
+            **extra,
+        )
 
     def disk_start(
         self, disk_key: str, sync_type: str, sync_reason: str, bytes_total: int, **extra: Value

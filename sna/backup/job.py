@@ -4,15 +4,18 @@
 
 1. log in, find the VM, remove a leftover snapshot of *this* job (exact name),
    check CBT (enable it only on a VM without snapshots);
-2. take the snapshot ``sbak-{job_id}``, list its disks, map each disk key to
-   exactly one target (an unmapped disk or a target without a disk fails the
-   run before any byte moves), connect every target and open every reader
-   (sizes and the ``206`` probe checked, still before any byte moves);
-3. per disk, decide full or incremental and say why, get the areas from
-   ``QueryChangedDiskAreas`` (``"*"`` for a full), copy them
-   (:mod:`sna.backup.copier`, which ends with ``FLUSH``), and only then send
-   ``disk_done`` with the snapshot's change ID;
-4. always: close or abort the connections, remove the snapshot (also after a
+2. take the snapshot ``sbak-{job_id}``, list its disks, map each disk to
+   exactly one target, by its device key or by the SHA's position
+   (:mod:`sna.contract.disks`; anything else fails the run before any byte
+   moves), connect every target and open every reader (sizes and the ``206``
+   probe checked, still before any byte moves);
+3. plan every disk before copying any: full or incremental and why, and the
+   areas from ``QueryChangedDiskAreas`` (``"*"`` for a full), reported in a
+   ``disk_plan`` event each, so the bytes of the whole job are known from
+   the start;
+4. per disk, copy the areas (:mod:`sna.backup.copier`, which ends with
+   ``FLUSH``), and only then send ``disk_done`` with the snapshot's change ID;
+5. always: close or abort the connections, remove the snapshot (also after a
    failure or a signal), log out; ``done`` only when all of it succeeded.
 
 Blocking pyVmomi calls run on one worker thread, one at a time.  Cancellation
@@ -53,6 +56,7 @@ from sna.backup.readers import (
     connect_address,
 )
 from sna.backup.vsphere import Session, SnapshotDisk, VSphereError, describe_fault, moref
+from sna.contract.disks import map_disks, sha_keys
 from sna.nbd.client import NBDClient
 from sna.nbd.errors import NBDError
 
@@ -87,6 +91,14 @@ class Decision:
     base: Optional[ChangeId] = None
 
 
+@attrs.frozen
+class CopyPlan:
+    """What one disk's copy will do: its decision and the areas it reads."""
+
+    decision: Decision
+    areas: list[Area]
+
+
 @attrs.define
 class DiskRun:
     """What the job knows about one disk during the run."""
@@ -96,9 +108,22 @@ class DiskRun:
     change_id: ChangeId
     client: Optional[NBDClient] = None
     reader: Optional[IDiskReader] = None
+    copy_plan: Optional[CopyPlan] = None
     stats: Optional[DiskStats] = None
     started: float = 0.0
     done: bool = False
+
+    @property
+    def key(self) -> str:
+        """The disk's key in events: its target's key in ``--nbd-targets``."""
+        return self.target.disk_key
+
+    @property
+    def name(self) -> str:
+        """The disk in messages: its device key, and its target's key when that differs."""
+        if self.target.disk_key == self.disk.key:
+            return f"disk {self.disk.key}"
+        return f"disk {self.disk.key} (target {self.target.disk_key})"
 
 
 class _DaemonThreadPool(ThreadPool):
@@ -111,11 +136,17 @@ class _DaemonThreadPool(ThreadPool):
 def decide(
     disk: SnapshotDisk,
     current: ChangeId,
-    target_size: int,
     backup_type: Optional[str],
     previous: Optional[str],
+    previous_capacity: Optional[int] = None,
 ) -> Decision:
-    """Full or incremental for one disk, and why (pure; the reasons reach the operator)."""
+    """Full or incremental for one disk, and why (pure; the reasons reach the operator).
+
+    ``previous_capacity`` is the disk's capacity when ``previous`` was taken,
+    as sna recorded it.  Whether the disk was resized is decided from that
+    and from vSphere (a new tracking instance), never from the target's
+    size: the SHA rounds its targets up to whole GiB.
+    """
     if backup_type == "full":
         return Decision("full", "backup_type full requested")
     if not previous:
@@ -136,17 +167,22 @@ def decide(
             "full",
             f"the previous change ID {base.text!r} is newer than the snapshot's {current.text!r}",
         )
-    if target_size != disk.capacity:
+    if previous_capacity is not None and previous_capacity != disk.capacity:
         return Decision(
             "full",
-            f"the target has {target_size} bytes and the disk {disk.capacity}: "
-            "the disk was resized since the previous backup",
+            f"the disk was resized since the previous change ID "
+            f"({previous_capacity} bytes then, {disk.capacity} now)",
         )
     return Decision("incremental", f"changes since {base.text}", base)
 
 
 def map_targets(disks: list[SnapshotDisk], targets: tuple[Target, ...]) -> dict[str, Target]:
-    """Disk key -> target, exactly; anything unmatched on either side is a :class:`JobError`."""
+    """Disk key -> target; anything unmatched on either side is a :class:`JobError`.
+
+    Targets keyed by the VM's device keys map exactly; targets keyed the
+    SHA's way (``2000+i``, its disk ``i`` in text order of ``disk-{key}``)
+    map by that position (:func:`sna.contract.disks.map_disks`).
+    """
     if len(targets) == 1 and targets[0].disk_key == "":
         # The Go client's single-disk mode (no --nbd-targets).
         if len(disks) != 1:
@@ -157,6 +193,9 @@ def map_targets(disks: list[SnapshotDisk], targets: tuple[Target, ...]) -> dict[
         return {disks[0].key: attrs.evolve(targets[0], disk_key=disks[0].key)}
     by_key = {t.disk_key: t for t in targets}
     disk_keys = [d.key for d in disks]
+    mapping = map_disks(disk_keys, [t.disk_key for t in targets])
+    if mapping is not None:
+        return {key: by_key[mapping.target_of(key)] for key in disk_keys}
     unmapped = [d for d in disks if d.key not in by_key]
     unknown = [t.disk_key for t in targets if t.disk_key not in disk_keys]
     problems = []
@@ -171,9 +210,12 @@ def map_targets(disks: list[SnapshotDisk], targets: tuple[Target, ...]) -> dict[
             + ", ".join(unknown)
             + f" (the VM's disks: {', '.join(disk_keys) or 'none'})"
         )
-    if problems:
-        raise JobError("; ".join(problems) + "; nothing was copied")
-    return {key: by_key[key] for key in disk_keys}
+    positional = ", ".join(sha_keys(len(disks)))
+    raise JobError(
+        "; ".join(problems)
+        + f"; targets must be keyed by the VM's device keys or, the SHA's way, {positional}"
+        + "; nothing was copied"
+    )
 
 
 class BackupJob:
@@ -310,32 +352,87 @@ class BackupJob:
         disks = await self._call(session.snapshot_disks, self._snapshot)
         mapping = map_targets(disks, options.targets)
         for disk in disks:
+            target = mapping[disk.key]
+            if target.disk_key != disk.key:
+                log.info(
+                    "disk {key} ({label}) goes to target {target} ({address}): the targets are "
+                    "keyed the SHA's way, 2000 + the disk's position in text order of disk-<key>",
+                    key=disk.key,
+                    label=disk.label,
+                    target=target.disk_key,
+                    address=target.address.describe(),
+                )
             change_id = try_parse(disk.change_id)
             if change_id is None:
                 raise JobError(
                     f"disk {disk.key} ({disk.label}) has no valid change ID in the snapshot "
                     f"({disk.change_id!r}): CBT is not active on it; nothing was copied",
-                    disk.key,
+                    target.disk_key,
                 )
-            self._disks.append(DiskRun(disk, mapping[disk.key], change_id))
+            self._disks.append(DiskRun(disk, target, change_id))
         await self._connect_targets()
         await self._open_readers(session)
+        await self._plan()
 
-        decisions = [
-            decide(
-                run.disk,
-                run.change_id,
-                run.client.info.size if run.client else 0,
-                options.backup_type,
-                options.previous_for(run.disk.key),
-            )
-            for run in self._disks
-        ]
         count = len(self._disks)
         self._events.phase("transfer", f"Copying {count} disk{'s' if count != 1 else ''}")
-        for run, decision in zip(self._disks, decisions, strict=True):
+        for run in self._disks:
             self._check()
-            await self._copy(run, decision)
+            await self._copy(run)
+
+    async def _plan(self) -> None:
+        """Decide and find the areas of every disk, then report them all, before any copy."""
+        options = self._options
+        for run in self._disks:
+            self._check()
+            decision = decide(
+                run.disk,
+                run.change_id,
+                options.backup_type,
+                options.previous_for(run.key),
+                options.previous_capacities.get(run.key),
+            )
+            run.copy_plan = await self._areas_for(run, decision)
+        self._check()
+        for run in self._disks:
+            assert run.copy_plan is not None
+            decision, areas = run.copy_plan.decision, run.copy_plan.areas
+            self._events.disk_plan(
+                run.key,
+                decision.sync_type,
+                decision.reason,
+                total(areas),
+                vmware_disk_key=run.disk.key,
+                capacity_bytes=run.disk.capacity,
+                areas=len(areas),
+                base_change_id=decision.base.text if decision.base else None,
+            )
+
+    async def _areas_for(self, run: DiskRun, decision: Decision) -> CopyPlan:
+        """The areas a disk's copy reads; a full when vCenter refuses the base."""
+        disk = run.disk
+        if decision.base is not None:
+            try:
+                return CopyPlan(decision, await self._areas(run, decision.base.text))
+            except vmodl.MethodFault as e:
+                decision = Decision(
+                    "full", f"the previous change ID was rejected by vCenter: {describe_fault(e)}"
+                )
+        try:
+            return CopyPlan(decision, await self._areas(run, "*"))
+        except vmodl.MethodFault as e:
+            # Not VMFS, or CBT enabled while snapshots existed: no allocation map.
+            log.warn(
+                "{disk}: QueryChangedDiskAreas('*') failed ({fault}): copying the whole disk",
+                disk=run.name,
+                fault=describe_fault(e),
+            )
+            return CopyPlan(
+                attrs.evolve(
+                    decision, reason=f"{decision.reason}; no allocation map, whole disk read"
+                ),
+                [Area(0, disk.capacity)],
+            )
 
     async def _ensure_cbt(self, session: Session, vm: Any) -> None:
         if await self._call(session.cbt_enabled, vm):
@@ -366,32 +463,30 @@ class BackupJob:
     async def _connect_target(self, run: DiskRun) -> None:
         options = self._options
         address = run.target.address
-        where = f"disk {run.disk.key}: target {address.describe()}"
+        where = f"{run.name}: target {address.describe()}"
         try:
             client = await connect_address(
                 self._reactor, address, options.connect_timeout, options.max_in_flight_bytes
             )
         except (NBDError, OSError) as e:
-            raise JobError(f"{where}: cannot connect: {e}", run.disk.key) from None
+            raise JobError(f"{where}: cannot connect: {e}", run.key) from None
         except Exception as e:
-            raise JobError(
-                f"{where}: cannot connect: {type(e).__name__}: {e}", run.disk.key
-            ) from None
+            raise JobError(f"{where}: cannot connect: {type(e).__name__}: {e}", run.key) from None
         run.client = client
         self._check()
         info = client.info
         if info.read_only:
-            raise JobError(f"{where} is read-only", run.disk.key)
+            raise JobError(f"{where} is read-only", run.key)
         if not info.can_flush:
             raise JobError(
                 f"{where} does not offer FLUSH, so the backup could not be made durable",
-                run.disk.key,
+                run.key,
             )
         if info.size < run.disk.capacity:
             raise JobError(
                 f"{where} has {info.size} bytes, less than the disk's {run.disk.capacity}; "
                 "nothing was copied",
-                run.disk.key,
+                run.key,
             )
 
     async def _vddk_servers(self) -> VddkServers:
@@ -455,13 +550,13 @@ class BackupJob:
                 try:
                     address = await servers.start(run.disk)
                 except NbdkitError as e:
-                    raise JobError(str(e), run.disk.key) from None
+                    raise JobError(str(e), run.key) from None
             else:
                 address = options.reader_nbd.get(run.disk.key)
             if address is None:
                 raise JobError(
                     f"disk {run.disk.key}: --reader nbd and no --reader-nbd-url for it",
-                    run.disk.key,
+                    run.key,
                 )
             reader = NbdReader(self._reactor, address, run.disk, options.connect_timeout)
             await self._open_reader(run, reader)
@@ -471,7 +566,7 @@ class BackupJob:
         try:
             await reader.open()
         except ReaderError as e:
-            raise JobError(str(e), run.disk.key) from None
+            raise JobError(str(e), run.key) from None
         self._check()
 
     async def _areas(self, run: DiskRun, change_id: str) -> list[Area]:
@@ -487,32 +582,11 @@ class BackupJob:
 
         return await self._call(query)
 
-    async def _copy(self, run: DiskRun, decision: Decision) -> None:
+    async def _copy(self, run: DiskRun) -> None:
         options = self._options
         disk = run.disk
-        assert run.client is not None and run.reader is not None
-        areas: list[Area]
-        if decision.base is not None:
-            try:
-                areas = await self._areas(run, decision.base.text)
-            except vmodl.MethodFault as e:
-                decision = Decision(
-                    "full", f"the previous change ID was rejected by vCenter: {describe_fault(e)}"
-                )
-        if decision.base is None:
-            try:
-                areas = await self._areas(run, "*")
-            except vmodl.MethodFault as e:
-                # Not VMFS, or CBT enabled while snapshots existed: no allocation map.
-                log.warn(
-                    "disk {key}: QueryChangedDiskAreas('*') failed ({fault}): copying the whole disk",
-                    key=disk.key,
-                    fault=describe_fault(e),
-                )
-                areas = [Area(0, disk.capacity)]
-                decision = attrs.evolve(
-                    decision, reason=f"{decision.reason}; no allocation map, whole disk read"
-                )
+        assert run.client is not None and run.reader is not None and run.copy_plan is not None
+        decision, areas = run.copy_plan.decision, run.copy_plan.areas
         self._check()
         target_zero = options.targets_zero()
         zero_gaps = decision.sync_type == "full" and not target_zero
@@ -530,9 +604,9 @@ class BackupJob:
             stats.bytes_skipped = disk.capacity - stats.bytes_total
         target_name = f"target {run.target.address.describe()}"
         log.info(
-            "disk {key} ({label}, {capacity} bytes): {sync} ({reason}); {areas} areas, "
+            "{disk} ({label}, {capacity} bytes): {sync} ({reason}); {areas} areas, "
             "{total} bytes from {source} to {target}",
-            key=disk.key,
+            disk=run.name,
             label=disk.label,
             capacity=disk.capacity,
             sync=decision.sync_type,
@@ -543,10 +617,11 @@ class BackupJob:
             target=target_name,
         )
         self._events.disk_start(
-            disk.key,
+            run.key,
             decision.sync_type,
             decision.reason,
             stats.bytes_total,
+            vmware_disk_key=disk.key,
             capacity_bytes=disk.capacity,
             areas=len(areas),
             reader=options.reader,
@@ -558,9 +633,9 @@ class BackupJob:
         self._current = run
         self._last_tick = (run.started, 0)
         self._last_change = run.started
-        self._events.progress(disk.key, 0, stats.bytes_total, 0.0)
+        self._events.progress(run.key, 0, stats.bytes_total, 0.0)
         copy = DiskCopy(
-            disk.key,
+            run.key,
             run.reader,
             run.client,
             target_name,
@@ -568,6 +643,7 @@ class BackupJob:
             stats,
             workers=options.reads_in_flight,
             stopped=lambda: self._cancel_reason,
+            name=run.name,
         )
         await copy.run()
         # Flushed: the bytes the change ID describes are durable on the target.
@@ -575,10 +651,10 @@ class BackupJob:
         self._current = None
         run.done = True
         self._events.progress(
-            disk.key, stats.bytes_done, stats.bytes_total, stats.bytes_done / elapsed
+            run.key, stats.bytes_done, stats.bytes_total, stats.bytes_done / elapsed
         )
         self._events.disk_done(
-            disk.key,
+            run.key,
             run.change_id.text,
             bytes_done=stats.bytes_done,
             bytes_total=stats.bytes_total,
@@ -594,9 +670,9 @@ class BackupJob:
         for key in self._summary:
             self._summary[key] += getattr(stats, key)
         log.info(
-            "disk {key} done in {seconds:.1f}s: {read} bytes read, {written} written, "
+            "{disk} done in {seconds:.1f}s: {read} bytes read, {written} written, "
             "{zero} as zeroes, change ID {change_id}",
-            key=disk.key,
+            disk=run.name,
             seconds=elapsed,
             read=stats.bytes_read,
             written=stats.bytes_written,
@@ -615,12 +691,12 @@ class BackupJob:
         then, before = self._last_tick
         rate = (done - before) / (now - then) if now > then else 0.0
         self._last_tick = (now, done)
-        self._events.progress(run.disk.key, done, run.stats.bytes_total, max(rate, 0.0))
+        self._events.progress(run.key, done, run.stats.bytes_total, max(rate, 0.0))
         if done != before:
             self._last_change = now
         elif now - self._last_change > self._options.stall_timeout:
             self.cancel(
-                f"disk {run.disk.key}: no progress for {self._options.stall_timeout:g} s "
+                f"{run.name}: no progress for {self._options.stall_timeout:g} s "
                 f"(source {run.reader.description if run.reader else '?'}, "
                 f"target {run.target.address.describe()})"
             )
@@ -645,8 +721,8 @@ class BackupJob:
             if isinstance(error, Cancelled) or self._current is None:
                 message = f"cancelled: {self._cancel_reason}"
             else:
-                message = f"cancelled: {self._cancel_reason} (while copying disk {self._current.disk.key})"
-                disk_key = self._current.disk.key
+                message = f"cancelled: {self._cancel_reason} (while copying {self._current.name})"
+                disk_key = self._current.key
             self._events.error(message, disk_key=disk_key)
             return self._cancel_status
         if isinstance(error, (JobError, CopyError, VSphereError, ReaderError, PagingError)):

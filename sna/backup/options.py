@@ -71,6 +71,8 @@ class JobOptions:
     backup_type: Optional[str] = None
     previous_change_id: Optional[str] = None
     previous_change_ids: Mapping[str, str] = attrs.field(factory=dict)
+    #: Per target key: the disk's capacity when its previous change ID was taken.
+    previous_capacities: Mapping[str, int] = attrs.field(factory=dict)
     reader: str = "folder"
     reader_nbd: Mapping[str, NbdAddress] = attrs.field(factory=dict)
     vddk_libdir: Optional[str] = None
@@ -101,7 +103,7 @@ class JobOptions:
         return f"{self.host}:{self.port}"
 
     def previous_for(self, disk_key: str) -> Optional[str]:
-        """The previous change ID for one disk: ``--previous-change-ids`` first."""
+        """The previous change ID for the disk of one target key: ``--previous-change-ids`` first."""
         return self.previous_change_ids.get(disk_key, self.previous_change_id)
 
     def targets_zero(self) -> bool:
@@ -197,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--previous-change-id", help="the base of an incremental, for every disk")
     p.add_argument(
         "--previous-change-ids",
-        help='JSON object by disk key, e.g. {"2000": "52 .../7"}; wins over --previous-change-id',
+        help='JSON object by target key, e.g. {"2000": "52 .../7"}; wins over --previous-change-id',
+    )
+    p.add_argument(
+        "--previous-capacities",
+        help='JSON object by target key, e.g. {"2000": 268435456}: each disk\'s capacity '
+        "when its previous change ID was taken (a resized disk is copied in full)",
     )
     p.add_argument(
         "--reader",
@@ -330,6 +337,24 @@ def _previous_ids(text: Optional[str]) -> dict[str, str]:
     return result
 
 
+def _previous_capacities(text: Optional[str]) -> dict[str, int]:
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--previous-capacities is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--previous-capacities must be a JSON object by target key")
+    result: dict[str, int] = {}
+    for key, capacity in value.items():
+        disk_key = _disk_key(str(key), "--previous-capacities")
+        if type(capacity) is not int or capacity <= 0:
+            raise UsageError(f"--previous-capacities: the value for {disk_key} is not a size")
+        result[disk_key] = capacity
+    return result
+
+
 def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
     args = build_parser().parse_args(list(argv))
     host, port = parse_endpoint(args.vmware_endpoint)
@@ -390,6 +415,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
         backup_type=args.backup_type,
         previous_change_id=previous,
         previous_change_ids=_previous_ids(args.previous_change_ids),
+        previous_capacities=_previous_capacities(args.previous_capacities),
         reader=args.reader,
         reader_nbd=reader_nbd,
         vddk_libdir=args.vddk_libdir,

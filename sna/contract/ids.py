@@ -83,16 +83,19 @@ def log_file_name(job_id: str) -> str:
     ``E`` is the job id percent-encoded: each UTF-8 byte other than
     ``A-Z a-z 0-9 . _ -`` becomes ``%XX``, so ``urllib.parse.unquote`` (or any
     URL decoder) gives the id back, and an id of only those characters is
-    its own name.  When ``E`` is longer than 244 bytes, it is cut (never
-    inside an escape) to leave room for ``~`` and 16 hex digits of the id's
+    its own name.  When ``E`` is longer than 244 bytes, it is cut after a
+    whole character to leave room for ``~`` and 16 hex digits of the id's
     SHA-256.
     """
-    encoded = urllib.parse.quote(job_id, safe=_FILE_SAFE)
+    pieces = [urllib.parse.quote(char, safe=_FILE_SAFE) for char in job_id]
+    encoded = "".join(pieces)
     if len(encoded) > _MAX_LOG_STEM:
-        cut = _MAX_LOG_STEM - 1 - _DIGEST
-        # An escape is three characters; do not end in the middle of one.
-        percent = encoded.rfind("%", cut - 2, cut)
-        if percent != -1:
-            cut = percent
-        encoded = f"{encoded[:cut]}~{_digest(job_id)}"
+        # Whole characters only, so what is kept still decodes.
+        room, kept = _MAX_LOG_STEM - 1 - _DIGEST, []
+        for piece in pieces:
+            if len(piece) > room:
+                break
+            kept.append(piece)
+            room -= len(piece)
+        encoded = f"{''.join(kept)}~{_digest(job_id)}"
     return f"backup-{encoded}.log"

@@ -21,6 +21,22 @@ class Phase:
 
 
 @attrs.frozen
+class DiskPlan:
+    """What one disk's copy will do, known before any disk is copied.
+
+    ``disk_key`` is the key of the disk's target in ``--nbd-targets``;
+    ``vmware_disk_key`` the VMware device key it was mapped to.
+    """
+
+    disk_key: str
+    sync_type: str
+    bytes_total: int
+    sync_reason: str = ""
+    vmware_disk_key: Optional[str] = None
+    capacity_bytes: Optional[int] = None
+
+
+@attrs.frozen
 class DiskStart:
     """Copying of one disk begins."""
 
@@ -28,6 +44,8 @@ class DiskStart:
     sync_type: str = "full"  # "full" or "incremental"
     sync_reason: str = ""
     bytes_total: Optional[int] = None
+    vmware_disk_key: Optional[str] = None
+    capacity_bytes: Optional[int] = None
 
 
 @attrs.frozen
@@ -69,4 +87,4 @@ class Done:
     message: str = ""
 
 
-Event = Union[Phase, DiskStart, Progress, DiskDone, Error, Done]
+Event = Union[Phase, DiskPlan, DiskStart, Progress, DiskDone, Error, Done]

@@ -148,15 +148,37 @@ def _phase_event(obj: Mapping[str, object]) -> Event:
     return events.Phase(phase, _text(obj, "message"))
 
 
-def _disk_start_event(obj: Mapping[str, object]) -> Event:
+def _sync_type(obj: Mapping[str, object]) -> str:
     sync_type = _required(obj, "sync_type")
     if not isinstance(sync_type, str) or sync_type not in SYNC_TYPES:
         raise _Invalid(sync_type)
+    return sync_type
+
+
+def _optional_disk_key(obj: Mapping[str, object], key: str) -> Optional[str]:
+    value = obj.get(key)
+    return None if value is None else _disk_key(value)
+
+
+def _disk_plan_event(obj: Mapping[str, object]) -> Event:
+    return events.DiskPlan(
+        disk_key=_disk_key(_required(obj, "disk_key")),
+        sync_type=_sync_type(obj),
+        bytes_total=_count(_required(obj, "bytes_total")),
+        sync_reason=_text(obj, "sync_reason"),
+        vmware_disk_key=_optional_disk_key(obj, "vmware_disk_key"),
+        capacity_bytes=_optional_count(obj, "capacity_bytes"),
+    )
+
+
+def _disk_start_event(obj: Mapping[str, object]) -> Event:
     return events.DiskStart(
         disk_key=_disk_key(_required(obj, "disk_key")),
-        sync_type=sync_type,
+        sync_type=_sync_type(obj),
         sync_reason=_text(obj, "sync_reason"),
         bytes_total=_optional_count(obj, "bytes_total"),
+        vmware_disk_key=_optional_disk_key(obj, "vmware_disk_key"),
+        capacity_bytes=_optional_count(obj, "capacity_bytes"),
     )
 
 
@@ -192,6 +214,7 @@ def _done_event(obj: Mapping[str, object]) -> Event:
 
 _JSON_EVENTS: Mapping[str, Callable[[Mapping[str, object]], Event]] = {
     "phase": _phase_event,
+    "disk_plan": _disk_plan_event,
     "disk_start": _disk_start_event,
     "progress": _progress_event,
     "disk_done": _disk_done_event,

@@ -69,15 +69,17 @@ CURRENT = parse_change_id(ID)
 
 
 def test_incremental_only_from_the_same_instance_and_size() -> None:
-    decision = decide(DISK, CURRENT, DISK.capacity, "incremental", SAME_INSTANCE)
+    decision = decide(DISK, CURRENT, "incremental", SAME_INSTANCE, DISK.capacity)
     assert decision.sync_type == "incremental"
     assert decision.base is not None and decision.base.text == SAME_INSTANCE
     # No --backup-type (the Go client's way): incremental where possible.
-    assert decide(DISK, CURRENT, DISK.capacity, None, SAME_INSTANCE).sync_type == "incremental"
+    assert decide(DISK, CURRENT, None, SAME_INSTANCE).sync_type == "incremental"
+    # No record of the size then: vSphere's tracking instance decides alone.
+    assert decide(DISK, CURRENT, "incremental", SAME_INSTANCE, None).sync_type == "incremental"
 
 
 @pytest.mark.parametrize(
-    ("backup_type", "previous", "target_size", "reason"),
+    ("backup_type", "previous", "capacity_then", "reason"),
     [
         ("full", SAME_INSTANCE, 17 << 20, "backup_type full requested"),
         ("incremental", None, 17 << 20, "no previous change ID"),
@@ -85,11 +87,11 @@ def test_incremental_only_from_the_same_instance_and_size() -> None:
         ("incremental", "PLACEHOLDER", 17 << 20, "not usable"),
         ("incremental", OTHER_INSTANCE, 17 << 20, "another CBT tracking instance"),
         ("incremental", ID.replace("/78", "/79"), 17 << 20, "newer than the snapshot's"),
-        ("incremental", SAME_INSTANCE, (17 << 20) + 512, "resized"),
+        ("incremental", SAME_INSTANCE, (17 << 20) - 512, "resized since the previous change ID"),
     ],
 )
-def test_full_and_why(backup_type: str, previous: str, target_size: int, reason: str) -> None:
-    decision = decide(DISK, CURRENT, target_size, backup_type, previous)
+def test_full_and_why(backup_type: str, previous: str, capacity_then: int, reason: str) -> None:
+    decision = decide(DISK, CURRENT, backup_type, previous, capacity_then)
     assert decision.sync_type == "full"
     assert decision.base is None
     assert reason in decision.reason

@@ -182,12 +182,19 @@ def test_mapping_is_exact() -> None:
     assert mapping == {"2000": target("2000"), "2016": target("2016")}
 
 
+def test_targets_keyed_the_sha_s_way_map_by_its_position() -> None:
+    # SCSI 2000 and SATA 16000: the SHA's disk 0 is "disk-16000", the first in text order.
+    mapping = map_targets([disk("2000"), disk("16000")], (target("2000"), target("2001")))
+    assert mapping == {"16000": target("2000"), "2000": target("2001")}
+
+
 def test_unmapped_and_unknown_keys_are_named_together() -> None:
     with pytest.raises(JobError) as raised:
         map_targets([disk("2000"), disk("2016")], (target("2000"), target("2999")))
     message = str(raised.value)
     assert "disks without a target in --nbd-targets: 2016" in message
     assert "does not have: 2999" in message
+    assert "or, the SHA's way, 2000, 2001" in message
     assert "nothing was copied" in message
 
 

@@ -41,6 +41,14 @@ def test_non_finite_numbers_are_refused() -> None:
 def test_a_whole_run_parses_as_snas_events() -> None:
     w, out = writer()
     w.phase("snapshot", "Creating snapshot sbak-1")
+    w.disk_plan(
+        "2001",
+        "full",
+        "backup_type full requested",
+        1 << 30,
+        vmware_disk_key="16000",
+        capacity_bytes=2 << 30,
+    )
     w.disk_start("2000", "full", "backup_type full requested", 1 << 30, capacity_bytes=2 << 30)
     w.progress("2000", 1 << 29, 1 << 30, 123456.7)
     w.disk_done("2000", CHANGE_ID, bytes_done=1 << 30, bytes_total=1 << 30, bytes_zero=0)
@@ -51,7 +59,8 @@ def test_a_whole_run_parses_as_snas_events() -> None:
     assert all(len(p) == 1 for p in parsed), parsed
     assert [p[0] for p in parsed] == [
         sbc.Phase("snapshot", "Creating snapshot sbak-1"),
-        sbc.DiskStart("2000", "full", "backup_type full requested", 1 << 30),
+        sbc.DiskPlan("2001", "full", 1 << 30, "backup_type full requested", "16000", 2 << 30),
+        sbc.DiskStart("2000", "full", "backup_type full requested", 1 << 30, None, 2 << 30),
         sbc.Progress(1 << 29, 1 << 30, "2000", 123456.7),
         sbc.DiskDone("2000", CHANGE_ID, 1 << 30, 1 << 30),
         sbc.Error("snapshot could not be removed"),
