@@ -22,7 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from sna.jobs.manager import JobManager
 from sna.jobs.store import IJobStore
 from sna.sbc.process import LogDirectory
-from sna.telemetry.sha import ShaNotifier
+from sna.sha.hub import ShaHub
 from sna.vmware.interface import IVSphere
 
 #: Seconds shutdown waits for final states to reach the SHA.
@@ -44,14 +44,14 @@ class SnaService(MultiService):
         pool: ThreadPool,
         vsphere: IVSphere,
         clock: IReactorTime,
-        notifier: Optional[ShaNotifier] = None,
+        hub: Optional[ShaHub] = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.manager = manager
         self._pool = pool
         self._vsphere = vsphere
         self._clock = clock
-        self._notifier = notifier
+        self._hub = hub
         self._store = store
         self._state_dir = state_dir
         self._log_dir = log_dir
@@ -65,9 +65,9 @@ class SnaService(MultiService):
         self._log_dir.resolve()
         self._pool.start()
         self.recovered = self.manager.recover()
-        if self._notifier is not None:
-            # Final states an earlier run could not deliver go out again.
-            self._notifier.start()
+        if self._hub is not None:
+            # Telemetry of the jobs to come, and what an earlier run could not deliver.
+            self._hub.start()
         self.log.info(
             "sna started: state in {state}, job logs in {logs}",
             state=self._state_dir.path,
@@ -79,16 +79,15 @@ class SnaService(MultiService):
         d = maybeDeferred(super().stopService)
         d.addBoth(lambda _: self.manager.stop())
         d.addBoth(lambda _: self._vsphere.close())
-        if self._notifier is not None:
-            notifier = self._notifier
-            # Final states of the jobs just stopped; a SHA that does not answer
-            # soon must not hold the shutdown.
-            d.addBoth(lambda _: notifier.wait().addTimeout(SHA_PUSH_GRACE, self._clock))
+        if self._hub is not None:
+            hub = self._hub
+            # What the jobs just stopped owe the SHA gets a moment to go; a SHA that
+            # does not answer soon must not hold the shutdown (it stays stored).
+            d.addBoth(lambda _: hub.wait().addTimeout(SHA_PUSH_GRACE, self._clock))
 
         def closed(result: object) -> None:
-            if self._notifier is not None:
-                # What the SHA has not taken stays in the outbox for the next start.
-                self._notifier.stop()
+            if self._hub is not None:
+                self._hub.stop()
             self._pool.stop()
             self._store.close()
             self.log.info("sna stopped")

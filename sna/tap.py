@@ -37,8 +37,9 @@ from sna.nbd.gateway import NbdGateway
 from sna.nbd.relay import RelayRegistry
 from sna.sbc.process import ClientCommand, LogDirectory, ProcessLauncher
 from sna.service import SnaService
+from sna.sha.client import ShaClient
+from sna.sha.hub import ShaHub
 from sna.telemetry.metrics import Metrics
-from sna.telemetry.sha import ShaNotifier
 from sna.vmware.sessions import SessionPool
 from sna.vmware.vsphere import VSphere
 
@@ -101,7 +102,8 @@ class Options(usage.Options):
             "sha-url",
             None,
             None,
-            "Base URL of the SHA API; each job's final state is pushed to its telemetry.",
+            "Base URL of the SHA API (through the tunnel, http://127.0.0.1:8082): previous "
+            "change IDs, live telemetry and per-disk completions go there.",
         ],
         [
             "vcenter-ca-file",
@@ -232,9 +234,17 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         ca_file=config["vcenter-ca-file"],
     )
     vsphere = VSphere(sessions)
-    notifier = None
+    hub = None
     if config["sha-url"]:
-        notifier = ShaNotifier(HTTPClient(Agent(reactor)), config["sha-url"], reactor, store)
+        hub = ShaHub(
+            ShaClient(HTTPClient(Agent(reactor)), config["sha-url"], reactor),
+            store,
+            reactor,
+            utcnow,
+            running=lambda: manager.active_jobs(),
+            legacy=command.legacy,
+            on_answer=metrics.sha_answered,
+        )
     manager = JobManager(
         store,
         launcher,
@@ -243,11 +253,11 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         utcnow,
         gateway=NbdGateway(reactor, relays),
         on_probe_failure=metrics.probe_failed,
-        on_job_ended=notifier.job_ended if notifier is not None else (lambda job: None),
         on_client_killed=lambda request: SnapshotJanitor(vsphere).client_killed(request),
+        hub=hub,
     )
     api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
-    service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, notifier)
+    service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, hub)
     if launcher.spares is not None:
         launcher.spares.setServiceParent(service)  # type: ignore[no-untyped-call]
     resource = api.resource()

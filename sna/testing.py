@@ -1,4 +1,5 @@
-"""Fakes for tests: a process launcher without processes and a store without a disk.
+"""Fakes for tests: a process launcher without processes, a store without a disk, a thread
+pool without threads.
 
 They implement the same interfaces as the real parts (:class:`IProcessLauncher`,
 :class:`IJobStore`) and are importable by any test.  Nothing in the daemon
@@ -12,9 +13,15 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
+import attrs
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import (
+    IProcessTransport,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorTime,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -24,7 +31,7 @@ from zope.interface import implementer
 
 from sna.contract import ids
 from sna.jobs.model import BackupRequest, Job
-from sna.jobs.store import IJobStore
+from sna.jobs.store import IJobStore, OutboxRow, initial_state
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import NbdAddress, ProbeFailed, ProbeResult
 from sna.nbd.relay import RelayStats
@@ -40,6 +47,8 @@ from sna.sbc.process import (
     JobLog,
     LogDirectory,
 )
+from sna.sha.hub import IHub, Lookup
+from sna.sha.messages import Message, final_messages
 from sna.vmware.interface import Credentials, IVSphere
 
 
@@ -48,13 +57,28 @@ class MemoryJobStore:
     def __init__(self) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, Any] = {}
-        self.outbox: dict[str, str] = {}
+        self.messages: list[OutboxRow] = []
         self.saves = 0
         self.closed = False
 
-    def save(self, job: Job) -> None:
+    def save(self, job: Job, outbox: Sequence[Message] = ()) -> None:
         self.saves += 1
         self.jobs[job.job_id] = job.to_record()
+        for message in outbox:
+            self.messages.append(
+                OutboxRow(
+                    seq=len(self.messages) + 1,
+                    job_id=job.job_id,
+                    kind=message.kind,
+                    path=message.path,
+                    body=message.body,
+                    disk_index=message.disk_index,
+                    state=initial_state(message),
+                    attempts=0,
+                    reason=message.not_sent,
+                    updated_at="",
+                )
+            )
 
     def load_all(self) -> list[Job]:
         return sorted((Job.from_record(r) for r in self.jobs.values()), key=lambda j: j.started_at)
@@ -62,6 +86,7 @@ class MemoryJobStore:
     def delete(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
+        self.messages = [m for m in self.messages if m.job_id not in job_ids]
 
     def load_settings(self) -> dict[str, Any]:
         return dict(self.settings)
@@ -69,14 +94,14 @@ class MemoryJobStore:
     def save_settings(self, values: dict[str, Any]) -> None:
         self.settings = dict(values)
 
-    def outbox_put(self, job_id: str, body: str) -> None:
-        self.outbox[job_id] = body
+    def outbox(self, job_id: Optional[str] = None) -> list[OutboxRow]:
+        return [m for m in self.messages if job_id is None or m.job_id == job_id]
 
-    def outbox_remove(self, job_id: str) -> None:
-        self.outbox.pop(job_id, None)
-
-    def outbox_all(self) -> list[tuple[str, str]]:
-        return list(self.outbox.items())
+    def outbox_update(self, seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
+        self.messages = [
+            attrs.evolve(m, state=state, attempts=attempts, reason=reason) if m.seq == seq else m
+            for m in self.messages
+        ]
 
     def close(self) -> None:
         self.closed = True
@@ -269,6 +294,41 @@ class FakeGateway:
         return [s for job_id in self.open for s in self.stats(job_id)]
 
 
+@implementer(IHub)
+class FakeHub:
+    """A SHA that answers change-ID questions as told and records what it is told."""
+
+    def __init__(self) -> None:
+        #: The answer for each disk index; a disk not here has no previous change ID.
+        self.answers: dict[int, Lookup] = {}
+        #: When set, lookups wait for it (its result is ignored).
+        self.hold: Optional[Deferred[None]] = None
+        self.asked: list[tuple[str, list[int]]] = []
+        self.started: list[str] = []
+        self.ended: list[tuple[str, Deferred[Any]]] = []
+
+    def previous_change_ids(
+        self, vm_name: str, indexes: Sequence[int]
+    ) -> Deferred[dict[int, Lookup]]:
+        self.asked.append((vm_name, list(indexes)))
+        answer = {index: self.answers.get(index, Lookup()) for index in indexes}
+        if self.hold is None:
+            return succeed(answer)
+        return self.hold.addCallback(lambda _: answer)
+
+    def ended_messages(self, job: Job) -> list[Message]:
+        return final_messages(job, fixed_now())
+
+    def job_started(self, job: Job) -> None:
+        self.started.append(job.job_id)
+
+    def job_ended(self, job_id: str, closed: Deferred[Any]) -> None:
+        self.ended.append((job_id, closed))
+
+    def report(self, job_id: str) -> Optional[dict[str, Any]]:
+        return None
+
+
 class SteppingClock:
     """A wall clock for records that moves only when told to."""
 
@@ -303,9 +363,13 @@ class FakeVSphere:
         return succeed(dict(self.answers.get(method, {"method": method})))
 
     def discover(
-        self, credentials: Credentials, datacenter: Optional[str], name_filter: Optional[str]
+        self,
+        credentials: Credentials,
+        datacenter: Optional[str],
+        name_filter: Optional[str],
+        vcenter: Optional[str] = None,
     ) -> Deferred[dict[str, Any]]:
-        return self._answer("discover", credentials, datacenter, name_filter)
+        return self._answer("discover", credentials, datacenter, name_filter, vcenter)
 
     def cbt_status(self, credentials: Credentials, vm_path: str) -> Deferred[dict[str, Any]]:
         return self._answer("cbt_status", credentials, vm_path)
@@ -339,3 +403,51 @@ class FakeVSphere:
     def close(self) -> Deferred[None]:
         self.closed = True
         return succeed(None)
+
+
+@implementer(IReactorFromThreads)
+class SameThread:
+    """Delivers "from a thread" calls at once: the reactor of a :class:`HeldThreadPool`."""
+
+    def callFromThread(
+        self, callable: Callable[..., object], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
+
+
+class HeldThreadPool:
+    """A thread pool whose calls run on the test's thread when the test calls :meth:`run`.
+
+    With ``at_once`` set, calls run as soon as they are queued, as on a pool
+    with idle threads; a test holds the calls queued after it clears it.
+    """
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.pending: list[tuple[Any, Callable[..., Any], tuple[Any, ...]]] = []
+        self.at_once = at_once
+        self._running = False
+
+    def callInThreadWithCallback(
+        self, on_result: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        self.pending.append((on_result, f, args))
+        if self.at_once and not self._running:
+            self.run()
+
+    def run(self, count: Optional[int] = None) -> int:
+        """Run queued calls (and calls they queue), ``count`` of them or all; how many ran."""
+        done = 0
+        self._running = True
+        try:
+            while self.pending and (count is None or done < count):
+                on_result, f, args = self.pending.pop(0)
+                try:
+                    result = f(*args)
+                except BaseException:
+                    on_result(False, Failure())
+                else:
+                    on_result(True, result)
+                done += 1
+        finally:
+            self._running = False
+        return done

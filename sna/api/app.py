@@ -40,11 +40,12 @@ from sna.jobs.manager import (
     JobConflict,
     JobError,
     JobManager,
+    ShaLookupFailed,
     ShuttingDown,
     TargetUnreachable,
     UnknownJob,
 )
-from sna.jobs.model import JobStatus
+from sna.jobs.model import Job, JobStatus
 from sna.sbc.process import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
 from sna.vmware.interface import InvalidVSphereRequest, IVSphere, VSphereError
@@ -54,6 +55,7 @@ _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (JobConflict, 409),
     (AtCapacity, 503),
     (ShuttingDown, 503),
+    (ShaLookupFailed, 502),
 ]
 
 
@@ -178,7 +180,9 @@ class SnaAPI:
     @app.route("/api/v1/backup/start", methods=["POST"])
     async def backup_start(self, request: IRequest) -> bytes:
         body = read_json_object(request)
-        backup = parse_backup_request(body, self._manager.settings)
+        backup = parse_backup_request(
+            body, self._manager.settings, sha=self._manager.hub is not None
+        )
         job = await self._manager.start(backup)
         answer = {
             "job_id": job.job_id,
@@ -189,9 +193,13 @@ class SnaAPI:
         }
         return json_response(request, answer)
 
+    def _status(self, job: Job) -> dict[str, Any]:
+        hub = self._manager.hub
+        return render.status(job, hub.report(job.job_id) if hub is not None else None)
+
     @app.route("/api/v1/status/<job_id>", methods=["GET"])
     def status(self, request: IRequest, job_id: str) -> bytes:
-        return json_response(request, render.status(self._manager.get(job_id)))
+        return json_response(request, self._status(self._manager.get(job_id)))
 
     @app.route("/api/v1/jobs", methods=["GET"])
     def jobs(self, request: IRequest) -> bytes:
@@ -207,9 +215,7 @@ class SnaAPI:
                 ) from None
         jobs = [j for j in self._manager.jobs() if not statuses or j.status in statuses]
         jobs.sort(key=lambda j: j.started_at, reverse=True)
-        return json_response(
-            request, {"jobs": [render.status(j) for j in jobs], "count": len(jobs)}
-        )
+        return json_response(request, {"jobs": [self._status(j) for j in jobs], "count": len(jobs)})
 
     @app.route("/api/v1/jobs/<job_id>/status", methods=["GET"])
     def sha_job_status(self, request: IRequest, job_id: str) -> bytes:
@@ -262,8 +268,13 @@ class SnaAPI:
 
     @app.route("/api/v1/discover", methods=["POST"])
     async def discover(self, request: IRequest) -> bytes:
-        creds, datacenter, name_filter = parse_discover_request(read_json_object(request))
-        return json_response(request, await self._vsphere.discover(creds, datacenter, name_filter))
+        body = read_json_object(request)
+        creds, datacenter, name_filter = parse_discover_request(body)
+        # The Go SNA gave the request's vcenter back byte for byte, and the SHA
+        # keeps that as the VM's vCenter: the port (or URL) stays in it.
+        named = body["vcenter"]
+        answer = await self._vsphere.discover(creds, datacenter, name_filter, named)
+        return json_response(request, answer)
 
     @app.route("/api/v1/vms/<path:vm_path>/cbt-status", methods=["GET"])
     async def cbt_status(self, request: IRequest, vm_path: str) -> bytes:

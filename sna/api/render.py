@@ -50,7 +50,12 @@ def relay(stats: RelayStats, now: float) -> dict[str, Any]:
 
 def disk(d: DiskState) -> dict[str, Any]:
     return {
-        "disk_key": d.disk_key,
+        # The VMware device key once the client has mapped the target; until then
+        # the target's key, which it is unless the targets are keyed the SHA's way.
+        "disk_key": d.vmware_disk_key or d.disk_key,
+        "target_key": d.disk_key,
+        "disk_index": d.disk_index,
+        "capacity_bytes": d.capacity_bytes,
         "export": d.export,
         "nbd_port": d.port,
         "status": d.status,
@@ -60,6 +65,7 @@ def disk(d: DiskState) -> dict[str, Any]:
         "bytes_total": d.bytes_total,
         "change_id": d.change_id,
         "previous_change_id": d.previous_change_id,
+        "previous_change_id_from": d.previous_source,
         "relay_port": d.relay_port,
         "bytes_to_hub": d.bytes_to_hub,
         "bytes_from_hub": d.bytes_from_hub,
@@ -67,7 +73,8 @@ def disk(d: DiskState) -> dict[str, Any]:
     }
 
 
-def status(job: Job) -> dict[str, Any]:
+def status(job: Job, sha: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A job for operators and the SHA; ``sha`` is how its reports to the SHA stand."""
     return {
         "job_id": job.job_id,
         "status": job.status.value,
@@ -90,6 +97,7 @@ def status(job: Job) -> dict[str, Any]:
         "relay_bytes_to_hub": sum(d.bytes_to_hub for d in job.disks),
         "relay_bytes_from_hub": sum(d.bytes_from_hub for d in job.disks),
         "disks": [disk(d) for d in job.disks],
+        "sha": sha,
     }
 
 

@@ -140,7 +140,11 @@ def _parse_target(number: int, entry: str, settings: Settings) -> NbdTarget:
     return NbdTarget(key, host, port, export)
 
 
-def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupRequest:
+def parse_backup_request(
+    body: Mapping[str, Any], settings: Settings, sha: bool = False
+) -> BackupRequest:
+    """A ``/backup/start`` body; ``sha``: a SHA can be asked for previous change IDs,
+    so an incremental may give none (the SHA sends ``PLACEHOLDER``)."""
     values = {field: _string(body, field, True) for field in _REQUIRED}
     job_id = check_job_id(values["job_id"] or "")
     backup_type = _string(body, "backup_type", False)
@@ -150,7 +154,12 @@ def parse_backup_request(body: Mapping[str, Any], settings: Settings) -> BackupR
     targets = parse_targets(values["nbd_targets"] or "", settings)
     per_disk = _previous_change_ids(body.get("previous_change_ids"), targets)
     per_disk_given = any(v is not None for v in (body.get("previous_change_ids") or {}).values())
-    if backup_type == "incremental" and not (previous or "").strip() and not per_disk_given:
+    if (
+        backup_type == "incremental"
+        and not sha
+        and not (previous or "").strip()
+        and not per_disk_given
+    ):
         raise invalid(
             "previous_change_id", "previous_change_id is required for incremental backups"
         )

@@ -2,16 +2,18 @@
 
 The :class:`JobManager` is the only writer of job records.  It admits a
 request (no duplicate active job, no NBD port shared with another active job,
-no more than ``max_jobs``), starts the client through an
+no more than ``max_jobs``), asks the SHA for the disks' previous change IDs
+while it probes the targets, starts the client through an
 :class:`~sna.sbc.process.IProcessLauncher`, folds the client's events into the
 record, and persists it: at once on every status change, and at most once a
-second for progress.
+second for progress.  An ended job's record is stored together with what the
+SHA must learn of it (:mod:`sna.sha`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
@@ -29,6 +31,8 @@ from sna.nbd.probe import ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.sbc import events
 from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher, terminate_leftover
+from sna.sha.hub import IHub, Lookup
+from sna.sha.messages import Message
 
 #: Progress is written to the database at most this often per job.
 SAVE_INTERVAL = 1.0
@@ -87,6 +91,12 @@ class AtCapacity(JobError):
     code = "too_many_jobs"
 
 
+class ShaLookupFailed(JobError):
+    """The SHA did not say which change ID an incremental starts from."""
+
+    code = "sha_lookup_failed"
+
+
 class ShuttingDown(JobError):
     code = "shutting_down"
 
@@ -118,10 +128,11 @@ class JobManager:
         now: Callable[[], datetime],
         gateway: ITargetGateway,
         on_probe_failure: Callable[[str], None] = lambda reason: None,
-        on_job_ended: Callable[[Job], None] = lambda job: None,
         on_client_killed: Callable[[BackupRequest], Deferred[Any]] = lambda request: succeed(None),
+        hub: Optional[IHub] = None,
     ) -> None:
-        self._on_job_ended = on_job_ended
+        #: The SHA, when sna reports to one (``--sha-url``).
+        self.hub = hub
         self._on_client_killed = on_client_killed
         #: The requests of running jobs, password included: memory only, never stored.
         self._requests: dict[str, tuple[BackupRequest, BackupRequest]] = {}
@@ -158,9 +169,9 @@ class JobManager:
         for job in self._store.load_all():
             if job.status.active:
                 job = job.interrupted(self._now(), "sna stopped while the job was running")
-                self._store.save(job)
+                # The hub delivers stored messages when it starts.
+                self._store.save(job, self._ended_messages(job))
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
-                self._on_job_ended(job)
                 if job.pid:
                     leftovers.append(self._stop_leftover(job))
             self._jobs[job.job_id] = job
@@ -312,7 +323,14 @@ class JobManager:
         self._launcher.check()
 
     async def _start(self, request: BackupRequest) -> Job:
+        # The SHA is asked while the targets are probed: neither waits for the other.
+        asking: Deferred[dict[int, Lookup]] = (
+            self.hub.previous_change_ids(request.vm_name, sorted(request.disk_indexes.values()))
+            if self.hub is not None
+            else succeed({})
+        )
         results = await self._gateway.probe(request.targets, self.settings.probe_timeout)
+        answers = await asking
         failures = [r for r in results if r.error is not None]
         if failures:
             for result in failures:
@@ -321,6 +339,7 @@ class JobManager:
             raise TargetUnreachable(failures)
         if self._stopping:
             raise ShuttingDown("sna is shutting down")
+        request = self._with_previous(request, answers)
         job_id = request.job_id
         ports = await self._gateway.open_relays(
             job_id, request.targets, lambda key, reason: self._upstream_lost(job_id, key, reason)
@@ -340,6 +359,76 @@ class JobManager:
             await self._gateway.close_relays(job_id)
             raise
 
+    def _with_previous(
+        self, request: BackupRequest, answers: Mapping[int, Lookup]
+    ) -> BackupRequest:
+        """``request`` with the SHA's previous change IDs, and the disks' sizes then.
+
+        The SHA's answer is the base of an incremental disk that the request
+        gives no change ID for (``PLACEHOLDER`` or none): explicit ones win.
+        For a full it is only logged.  An incremental whose base the SHA
+        could not tell is refused (:class:`ShaLookupFailed`): copying every
+        byte instead would be a surprise no one asked for.
+        """
+        explicit = dict(request.previous_change_ids)
+        found = dict(explicit)
+        sources = {key: "request" for key in explicit}
+        incremental = request.backup_type == "incremental"
+        for key, index in sorted(request.disk_indexes.items(), key=lambda item: item[1]):
+            answer = answers.get(index)
+            if answer is None:
+                continue
+            used = incremental and key not in explicit and request.previous_change_id is None
+            if answer.error is not None:
+                if used:
+                    raise ShaLookupFailed(
+                        f"cannot ask the SHA for the previous change ID of disk {index} "
+                        f"(target {key}) of {request.vm_name!r}: {answer.error}; "
+                        "nothing was started"
+                    )
+                self.log.warn(
+                    "job {job_id}: the SHA did not say disk {index}'s last change ID "
+                    "({reason}); not needed",
+                    job_id=request.job_id,
+                    index=index,
+                    reason=answer.error,
+                )
+                continue
+            self.log.info(
+                "job {job_id}: the SHA's last change ID of disk {index} (target {key}) is "
+                "{change_id}; {use}",
+                job_id=request.job_id,
+                index=index,
+                key=key,
+                change_id=repr(answer.change_id or ""),
+                use="the incremental starts from it"
+                if used and answer.change_id
+                else ("none: a full copy" if used else "not used"),
+            )
+            if used and answer.change_id is not None:
+                found[key] = answer.change_id
+                sources[key] = "sha"
+        request = attrs.evolve(
+            request,
+            previous_change_ids=tuple(sorted(found.items())),
+            previous_sources=tuple(sorted(sources.items())),
+        )
+        capacities = {}
+        for target in request.targets:
+            previous = request.previous_change_id_of(target.disk_key)
+            capacity = self._capacity_at(previous) if previous else None
+            if capacity is not None:
+                capacities[target.disk_key] = capacity
+        return attrs.evolve(request, previous_capacities=tuple(sorted(capacities.items())))
+
+    def _capacity_at(self, change_id: str) -> Optional[int]:
+        """The disk's capacity when sna's own records last saw ``change_id`` taken."""
+        for job in sorted(self._jobs.values(), key=lambda j: j.started_at, reverse=True):
+            for disk in job.disks:
+                if disk.change_id == change_id and disk.capacity_bytes:
+                    return disk.capacity_bytes
+        return None
+
     def _spawn(self, request: BackupRequest, relayed: BackupRequest, ports: list[int]) -> Job:
         previous = self._jobs.get(request.job_id)
         job = Job.from_request(request, self._now(), relay_ports=ports)
@@ -357,6 +446,8 @@ class JobManager:
         if process.running:
             self._update(self._jobs[job.job_id].spawned(process.pid, self._now(), process.spare_id))
         self._save_now(job.job_id)
+        if self.hub is not None:
+            self.hub.job_started(self._jobs[job.job_id])
         self.log.info(
             "job {job_id}: {backup_type} backup of {vm_path}, {disks} disk(s), pid {pid}",
             job_id=job.job_id,
@@ -465,10 +556,14 @@ class JobManager:
             self._cleanups.add(cleanup)
             cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
         self._update(job)
-        self._save_now(job_id)
-        self._on_job_ended(job)
+        # The SHA's messages are stored with the ended record, in one transaction.
+        self._save_now(job_id, self._ended_messages(job))
         closing = self._gateway.close_relays(job_id).addCallback(self._final_counts, job_id)
         self._closing[job_id] = closing
+        if self.hub is not None:
+            # Completions only once every disk is flushed and disconnected, relays included:
+            # the SHA stops the job's qemu-nbd on the last one.
+            self.hub.job_ended(job_id, closing)
 
         def closed(result: object) -> None:
             if self._closing.get(job_id) is closing:
@@ -503,8 +598,11 @@ class JobManager:
         if job_id not in self._save_calls:
             self._save_calls[job_id] = self._clock.callLater(SAVE_INTERVAL, self._save_now, job_id)
 
-    def _save_now(self, job_id: str) -> None:
+    def _save_now(self, job_id: str, outbox: Sequence[Message] = ()) -> None:
         call = self._save_calls.pop(job_id, None)
         if call is not None and call.active():
             call.cancel()
-        self._store.save(self._jobs[job_id])
+        self._store.save(self._jobs[job_id], outbox)
+
+    def _ended_messages(self, job: Job) -> list[Message]:
+        return self.hub.ended_messages(job) if self.hub is not None else []

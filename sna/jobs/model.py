@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import attrs
 
+from sna.contract.disks import disk_indexes
 from sna.sbc import events
 
 
@@ -68,13 +69,28 @@ class BackupRequest:
     targets: tuple[NbdTarget, ...]
     backup_type: str
     previous_change_id: Optional[str] = None
-    #: Per disk key; wins over ``previous_change_id`` for that disk.
+    #: Per target key; wins over ``previous_change_id`` for that disk.
     previous_change_ids: tuple[tuple[str, str], ...] = ()
     #: The vCenter certificate's SHA-1 or SHA-256 thumbprint, to pin it.
     vcenter_thumbprint: Optional[str] = None
+    #: Per target key: the disk's capacity when its previous change ID was
+    #: taken, from sna's own records (a resized disk is copied in full).
+    previous_capacities: tuple[tuple[str, int], ...] = ()
+    #: Per target key: where its previous change ID came from (``request``, ``sha``).
+    previous_sources: tuple[tuple[str, str], ...] = ()
 
     def previous_change_id_of(self, disk_key: str) -> Optional[str]:
         return dict(self.previous_change_ids).get(disk_key, self.previous_change_id)
+
+    def previous_source_of(self, disk_key: str) -> Optional[str]:
+        if self.previous_change_id_of(disk_key) is None:
+            return None
+        return dict(self.previous_sources).get(disk_key, "request")
+
+    @property
+    def disk_indexes(self) -> dict[str, int]:
+        """The SHA's index of each target (:func:`sna.contract.disks.disk_indexes`)."""
+        return disk_indexes(t.disk_key for t in self.targets)
 
     @property
     def nbd_targets(self) -> str:
@@ -83,7 +99,13 @@ class BackupRequest:
 
 @attrs.frozen
 class DiskState:
-    """One disk of a job, as far as the client has told us."""
+    """One disk of a job, as far as the client has told us.
+
+    ``disk_key`` is the key of the disk's target in ``nbd_targets``: what
+    the client's events name it by.  ``vmware_disk_key`` is the VMware device
+    key the client mapped that target to, once it has said so, and
+    ``disk_index`` the SHA's number of the disk (:mod:`sna.contract.disks`).
+    """
 
     disk_key: str
     export: str
@@ -103,6 +125,12 @@ class DiskState:
     target_error: Optional[str] = None
     #: The change ID an incremental of this disk starts from, if one was given.
     previous_change_id: Optional[str] = None
+    #: Where that came from: ``request`` or ``sha`` (its changeid route).
+    previous_source: Optional[str] = None
+    disk_index: int = 0
+    vmware_disk_key: Optional[str] = None
+    #: The disk's capacity in the snapshot, once the client has said it.
+    capacity_bytes: Optional[int] = None
 
 
 @attrs.frozen
@@ -182,6 +210,7 @@ class Job:
         cls, request: BackupRequest, now: datetime, relay_ports: Sequence[Optional[int]] = ()
     ) -> Job:
         ports = list(relay_ports) or [None] * len(request.targets)
+        indexes = request.disk_indexes
         return cls(
             job_id=request.job_id,
             vm_name=request.vm_name,
@@ -197,6 +226,8 @@ class Job:
                     t.port,
                     relay_port=relay,
                     previous_change_id=request.previous_change_id_of(t.disk_key),
+                    previous_source=request.previous_source_of(t.disk_key),
+                    disk_index=indexes[t.disk_key],
                 )
                 for t, relay in zip(request.targets, ports, strict=True)
             ),
@@ -272,6 +303,20 @@ class Job:
         match event:
             case events.Phase(phase=phase, message=message):
                 return self._touch(now, phase=phase, current_operation=message or phase)
+            case events.DiskPlan(disk_key=key):
+                index = self._disk(key)
+                if index is None:
+                    return self._touch(now)
+                disk = self.disks[index]
+                return self._with_disk(
+                    index,
+                    now,
+                    sync_type=event.sync_type,
+                    sync_reason=event.sync_reason or disk.sync_reason,
+                    bytes_total=event.bytes_total,
+                    vmware_disk_key=event.vmware_disk_key or disk.vmware_disk_key,
+                    capacity_bytes=event.capacity_bytes or disk.capacity_bytes,
+                )
             case events.DiskStart(disk_key=key):
                 index = self._disk(key)
                 if index is None:
@@ -286,6 +331,8 @@ class Job:
                     bytes_total=event.bytes_total
                     if event.bytes_total is not None
                     else disk.bytes_total,
+                    vmware_disk_key=event.vmware_disk_key or disk.vmware_disk_key,
+                    capacity_bytes=event.capacity_bytes or disk.capacity_bytes,
                 )._touch(now, phase="transfer", current_operation=f"Copying disk {key}")
             case events.Progress(disk_key=None):
                 return self._touch(

@@ -1,23 +1,34 @@
-"""SQLite persistence of job records and run-time settings.
+"""SQLite persistence of job records, run-time settings and the SHA's messages.
 
-One small database under the state directory.  Writes are a single row each
+One small database under the state directory.  Writes are a few rows each
 and go to a local disk, so they run on the reactor thread, in WAL mode with
 ``synchronous=NORMAL`` (a power cut may lose the last progress write, never
 corrupt the file).  The schema is versioned with ``PRAGMA user_version``.
+
+The SHA's messages (``sha_messages``) are what it must learn of ended jobs,
+in order: written in the same transaction as the ended job's record, so a
+completion can never be lost between the two, and kept, with how far each
+got, as long as the job.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.parse
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Optional
 
+import attrs
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
+from sna.contract.disks import disk_indexes
 from sna.jobs.model import Job, JobStatus
+from sna.sha.messages import Message
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -32,25 +43,66 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- Version 2: final states the SHA has not taken yet, re-sent after a restart.
-CREATE TABLE IF NOT EXISTS sha_outbox (
-    job_id TEXT PRIMARY KEY,
-    body   TEXT NOT NULL
+-- Version 3: what the SHA must get about ended jobs (per-disk completions, then
+-- the final state), in order, with how far each got.
+CREATE TABLE IF NOT EXISTS sha_messages (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    disk_index INTEGER,
+    state      TEXT NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    reason     TEXT,
+    updated_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sha_messages_by_job ON sha_messages (job_id, seq);
 """
+
+#: The state of a message still to be sent; the others are final.
+PENDING = "pending"
+DELIVERED = "delivered"
+#: The SHA answered that it never will take it (a 4xx).
+REFUSED = "refused"
+#: Telemetry of a job the SHA does not know (it answered 500 every time).
+GIVEN_UP = "given_up"
+#: Kept to say why it could not be made (a disk without a change ID); never sent.
+NOT_SENT = "not_sent"
+
+
+@attrs.frozen
+class OutboxRow:
+    """One message for the SHA and how far its delivery got."""
+
+    seq: int
+    job_id: str
+    kind: str
+    path: str
+    body: str
+    disk_index: Optional[int]
+    state: str
+    attempts: int
+    reason: Optional[str]
+    updated_at: str
+
+
+def initial_state(message: Message) -> str:
+    return PENDING if message.not_sent is None else NOT_SENT
 
 
 class IJobStore(Interface):
-    """Where job records and changed settings are kept between runs."""
+    """Where job records, changed settings and the SHA's messages are kept between runs."""
 
-    def save(job: Job) -> None:
-        """Insert or replace the record of ``job.job_id``."""
+    def save(job: Job, outbox: Sequence[Message] = ()) -> None:
+        """Insert or replace the record of ``job.job_id`` and queue ``outbox`` with it,
+        in one transaction: an ended job and what the SHA must learn of it go together."""
 
     def load_all() -> list[Job]:
         """Every stored job, oldest first."""
 
     def delete(job_ids: list[str]) -> None:
-        """Forget these jobs."""
+        """Forget these jobs and their messages."""
 
     def load_settings() -> dict[str, Any]:
         """The run-time settings changed through the API, by wire name."""
@@ -58,14 +110,11 @@ class IJobStore(Interface):
     def save_settings(values: dict[str, Any]) -> None:
         """Replace the stored run-time settings."""
 
-    def outbox_put(job_id: str, body: str) -> None:
-        """Keep ``body`` (a job's final state for the SHA) until it is taken."""
+    def outbox(job_id: Optional[str] = None) -> list[OutboxRow]:
+        """The SHA's messages, of one job or of every job, in the order they were queued."""
 
-    def outbox_remove(job_id: str) -> None:
-        """The SHA took (or refused for good) the final state of ``job_id``."""
-
-    def outbox_all() -> list[tuple[str, str]]:
-        """Every final state not taken yet: (job_id, body)."""
+    def outbox_update(seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
+        """Record how far one message got."""
 
     def close() -> None:
         """Release the database."""
@@ -91,22 +140,52 @@ class SQLiteJobStore:
                     f"({SCHEMA_VERSION}); refusing to touch it"
                 )
             db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            with db:
+                db.execute("BEGIN")
+                if version == 2:
+                    _outbox_from_version_2(db)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db = db
         return self._db
 
-    def save(self, job: Job) -> None:
-        self._conn().execute(
-            "INSERT OR REPLACE INTO jobs (job_id, status, started_at, last_update, record)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (
-                job.job_id,
-                job.status.value,
-                job.started_at.isoformat(),
-                job.last_update.isoformat(),
-                json.dumps(job.to_record()),
-            ),
+    def save(self, job: Job, outbox: Sequence[Message] = ()) -> None:
+        db = self._conn()
+        record = (
+            job.job_id,
+            job.status.value,
+            job.started_at.isoformat(),
+            job.last_update.isoformat(),
+            json.dumps(job.to_record()),
         )
+        sql = (
+            "INSERT OR REPLACE INTO jobs (job_id, status, started_at, last_update, record)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
+        if not outbox:
+            db.execute(sql, record)
+            return
+        now = _now()
+        with db:
+            db.execute("BEGIN")
+            db.execute(sql, record)
+            db.executemany(
+                "INSERT INTO sha_messages"
+                " (job_id, kind, path, body, disk_index, state, reason, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job.job_id,
+                        m.kind,
+                        m.path,
+                        m.body,
+                        m.disk_index,
+                        initial_state(m),
+                        m.not_sent,
+                        now,
+                    )
+                    for m in outbox
+                ],
+            )
 
     def load_all(self) -> list[Job]:
         rows = self._conn().execute("SELECT record FROM jobs ORDER BY started_at, job_id")
@@ -117,6 +196,7 @@ class SQLiteJobStore:
         with db:
             db.execute("BEGIN")
             db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
+            db.executemany("DELETE FROM sha_messages WHERE job_id = ?", [(j,) for j in job_ids])
 
     def count_by_status(self) -> dict[JobStatus, int]:
         rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
@@ -136,19 +216,61 @@ class SQLiteJobStore:
                 [(key, json.dumps(value)) for key, value in values.items()],
             )
 
-    def outbox_put(self, job_id: str, body: str) -> None:
+    def outbox(self, job_id: Optional[str] = None) -> list[OutboxRow]:
+        columns = ", ".join(field.name for field in attrs.fields(OutboxRow))
+        if job_id is None:
+            rows = self._conn().execute(f"SELECT {columns} FROM sha_messages ORDER BY seq")
+        else:
+            rows = self._conn().execute(
+                f"SELECT {columns} FROM sha_messages WHERE job_id = ? ORDER BY seq", (job_id,)
+            )
+        return [OutboxRow(*row) for row in rows]
+
+    def outbox_update(self, seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
         self._conn().execute(
-            "INSERT OR REPLACE INTO sha_outbox (job_id, body) VALUES (?, ?)", (job_id, body)
+            "UPDATE sha_messages SET state = ?, attempts = ?, reason = ?, updated_at = ?"
+            " WHERE seq = ?",
+            (state, attempts, reason, _now(), seq),
         )
-
-    def outbox_remove(self, job_id: str) -> None:
-        self._conn().execute("DELETE FROM sha_outbox WHERE job_id = ?", (job_id,))
-
-    def outbox_all(self) -> list[tuple[str, str]]:
-        rows = self._conn().execute("SELECT job_id, body FROM sha_outbox ORDER BY rowid")
-        return [(job_id, body) for job_id, body in rows]
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _outbox_from_version_2(db: sqlite3.Connection) -> None:
+    """Version 2 kept one final state per job (``sha_outbox``): queue each as version 3 does.
+
+    Those bodies named disks by their key, while the SHA selects disk rows by
+    index: each disk gets the SHA's index of its key (:mod:`sna.contract.disks`).
+    """
+    now = _now()
+    old = db.execute("SELECT job_id, body FROM sha_outbox ORDER BY rowid").fetchall()
+    for job_id, text in old:
+        body = json.loads(text)
+        disks = body.get("disks") or []
+        indexes = disk_indexes(str(d.get("disk_key")) for d in disks)
+        failed = body.get("status") != "completed"
+        body["disks"] = [
+            {
+                "disk_index": indexes[str(d.get("disk_key"))],
+                "bytes_transferred": int(d.get("bytes_transferred") or 0),
+                "total_bytes": int(d.get("total_bytes") or 0),
+                "status": "failed",
+                "progress_percent": 0.0,
+            }
+            for d in disks
+            if failed
+        ]
+        path = "/api/v1/telemetry/backup/" + urllib.parse.quote(job_id, safe="")
+        db.execute(
+            "INSERT INTO sha_messages (job_id, kind, path, body, state, updated_at)"
+            " VALUES (?, 'telemetry', ?, ?, ?, ?)",
+            (job_id, path, json.dumps(body, separators=(",", ":")), PENDING, now),
+        )
+    db.execute("DROP TABLE sha_outbox")

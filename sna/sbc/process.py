@@ -153,6 +153,9 @@ class ClientCommand:
             if request.previous_change_ids:
                 by_disk = json.dumps(dict(request.previous_change_ids), separators=(",", ":"))
                 values.append(("--previous-change-ids", by_disk))
+            if request.previous_capacities:
+                sizes = json.dumps(dict(request.previous_capacities), separators=(",", ":"))
+                values.append(("--previous-capacities", sizes))
             if request.vcenter_thumbprint:
                 values.append(("--vcenter-thumbprint", request.vcenter_thumbprint))
             if self.insecure:

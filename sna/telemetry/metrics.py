@@ -99,8 +99,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.sha_requests = Counter(
+            "sna_sha_requests",
+            "Requests to the SHA, by route (changeid, complete, telemetry) and outcome "
+            "(delivered, refused, unknown_job, retry, unreachable).",
+            labelnames=["route", "outcome"],
+            registry=self.registry,
+        )
+
     def probe_failed(self, reason: str) -> None:
         self.probe_failures.labels(reason=reason).inc()
+
+    def sha_answered(self, route: str, outcome: str) -> None:
+        self.sha_requests.labels(route=route, outcome=outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,7 +16,8 @@ from sna.config import Settings
 from sna.jobs import manager as manager_module
 from sna.jobs.manager import JobManager, PortInUse, ShuttingDown
 from sna.jobs.model import BackupRequest, JobStatus
-from sna.testing import FakeGateway, FakeLauncher, MemoryJobStore, SteppingClock
+from sna.sbc import events
+from sna.testing import FakeGateway, FakeHub, FakeLauncher, MemoryJobStore, SteppingClock
 from tests.unit.conftest import started
 from tests.unit.test_model import T0, make_job
 from tests.unit.test_process import REQUEST
@@ -149,27 +150,54 @@ def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(
     assert started(manager, REQUEST).status is JobStatus.RUNNING
 
 
-def test_every_ended_job_is_announced_once(tmp_path: Path) -> None:
+def test_every_ended_job_is_stored_with_its_messages_and_delivered_once(tmp_path: Path) -> None:
     store = MemoryJobStore()
     store.save(attrs.evolve(make_job(), job_id="left-running"))
     clock = Clock()
     launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
-    ended: list[tuple[str, JobStatus]] = []
+    hub = FakeHub()
+    gateway = FakeGateway()
     manager = JobManager(
-        store,
-        launcher,
-        clock,
-        Settings(),
-        SteppingClock(),
-        gateway=FakeGateway(),
-        on_job_ended=lambda job: ended.append((job.job_id, job.status)),
+        store, launcher, clock, Settings(), SteppingClock(), gateway=gateway, hub=hub
     )
     manager.recover()
-    assert ended == [("left-running", JobStatus.INTERRUPTED)]
+    # A job interrupted by a restart owes the SHA its final state (failed), no completion.
+    assert [(m.job_id, m.kind) for m in store.outbox()] == [("left-running", "telemetry")]
+    assert json.loads(store.outbox()[0].body)["error"]["code"] == "INTERRUPTED"
     started(manager, REQUEST)
+    assert hub.started == [REQUEST.job_id]
+    assert gateway.open[REQUEST.job_id]
     launcher.transports[REQUEST.job_id].exit(2)
-    assert ended[-1] == (REQUEST.job_id, JobStatus.FAILED)
-    assert len(ended) == 2
+    assert [(m.job_id, m.kind) for m in store.outbox()][1:] == [(REQUEST.job_id, "telemetry")]
+    [(job_id, closed)] = hub.ended
+    assert job_id == REQUEST.job_id
+    # Delivery waits for the relays: they are closed when ``closed`` fires.
+    assert closed.called and REQUEST.job_id not in gateway.open
+
+
+def test_a_completed_job_owes_one_completion_per_disk(tmp_path: Path) -> None:
+    store = MemoryJobStore()
+    clock = Clock()
+    launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
+    manager = JobManager(
+        store, launcher, clock, Settings(), SteppingClock(), gateway=FakeGateway(), hub=FakeHub()
+    )
+    manager.recover()
+    started(manager, REQUEST)
+    for key, change_id in (("2001", "52 aa/2"), ("2000", "52 bb/9")):
+        manager._event(REQUEST.job_id, events.DiskDone(key, change_id, 5, 5))
+    launcher.transports[REQUEST.job_id].exit(0)
+    rows = store.outbox(REQUEST.job_id)
+    assert [(m.kind, m.disk_index) for m in rows] == [
+        ("complete", 0),
+        ("complete", 1),
+        ("telemetry", None),
+    ]
+    assert [json.loads(m.body) for m in rows[:2]] == [
+        {"disk_id": 0, "change_id": "52 bb/9", "bytes_transferred": 5},
+        {"disk_id": 1, "change_id": "52 aa/2", "bytes_transferred": 5},
+    ]
+    assert json.loads(rows[2].body)["status"] == "completed"
 
 
 def test_a_killed_client_gets_its_snapshot_removed_with_the_request(tmp_path: Path) -> None:

@@ -1,0 +1,70 @@
+"""One request to the SHA's API, bounded in time, with what went wrong said plainly."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+#: Seconds one request may take, answer included (the Go client's was 10 s).
+REQUEST_TIMEOUT = 10.0
+#: The most of an answer that is read; the SHA's are a few hundred bytes.
+MAX_ANSWER = 64 * 1024
+
+
+@attrs.frozen
+class Answer:
+    code: int
+    body: bytes
+
+    def text(self, limit: int = 200) -> str:
+        """The answer for a log line: its status and the start of its body."""
+        body = self.body[:limit].decode("utf-8", "replace").strip()
+        return f"HTTP {self.code}" + (f": {body}" if body else "")
+
+
+class ShaUnreachable(Exception):
+    """The request got no answer: refused, reset, timed out."""
+
+
+class ShaClient:
+    """Requests to ``base_url`` (the SHA's API) with a treq-like ``http`` client."""
+
+    def __init__(
+        self, http: Any, base_url: str, clock: IReactorTime, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+        self._clock = clock
+        self._timeout = timeout
+
+    def request(self, method: str, path: str, body: Optional[str] = None) -> Deferred[Answer]:
+        """The answer to one request; :class:`ShaUnreachable` if none came in time."""
+        d = ensureDeferred(self._request(method, path, body))
+        d.addTimeout(self._timeout, self._clock)
+
+        def unreachable(failure: Failure) -> Answer:
+            error = failure.value
+            if isinstance(error, defer.TimeoutError):
+                reason = f"no answer within {self._timeout:g} s"
+            else:
+                reason = str(error) or type(error).__name__
+            raise ShaUnreachable(f"{method} {self.base_url}{path}: {reason}") from None
+
+        return d.addErrback(unreachable)
+
+    async def _request(self, method: str, path: str, body: Optional[str]) -> Answer:
+        headers = {"Accept": ["application/json"]}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = ["application/json"]
+            data = body.encode("utf-8")
+        response = await self._http.request(
+            method, self.base_url + path, data=data, headers=headers
+        )
+        content: bytes = await response.content()
+        return Answer(response.code, content[:MAX_ANSWER])

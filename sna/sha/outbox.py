@@ -1,0 +1,238 @@
+"""Delivering what the SHA must get about ended jobs, from the store, in order.
+
+The store keeps each ended job's messages (per-disk ``/complete``, then the
+final telemetry) from the moment the job ends.  Here they are sent, one job's
+after the other's in the order they were queued, each until the SHA answers
+for good:
+
+- 2xx: ``delivered``;
+- a 4xx other than 408/429 (``/complete`` answers 404 for a job or disk it
+  does not know, 400 for a body it cannot take): ``refused``, logged, never
+  sent again; the job's next messages still go;
+- telemetry answered 500 :data:`UNKNOWN_JOB_LIMIT` times in a row (the SHA
+  does not know the job): ``given_up``;
+- anything else (no answer, 5xx, 408, 429): sent again after 1, 2, 5, 10,
+  30 s, then every 60 s, for as long as the daemon runs, and from the start
+  again after a restart.
+
+A SHA that is down, slow or restarting therefore gets every message once it
+is back, in order; one that refuses a message says why in the job's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from sna.jobs.store import (
+    DELIVERED,
+    GIVEN_UP,
+    NOT_SENT,
+    PENDING,
+    REFUSED,
+    IJobStore,
+    OutboxRow,
+)
+from sna.sha import messages
+from sna.sha.client import ShaClient, ShaUnreachable
+
+#: Seconds before each new try of a message; the last one repeats.
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+UNKNOWN_JOB_LIMIT = 3
+#: A failure is logged at warning level on its first try and every this many after.
+WARN_EVERY = 10
+
+
+def describe(row: OutboxRow) -> str:
+    """A message as the log and the job's status name it."""
+    if row.kind == "complete":
+        return f"the completion of disk {row.disk_index}"
+    return "the final state"
+
+
+class Outbox:
+    """Sends the store's pending messages to the SHA."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        client: ShaClient,
+        store: IJobStore,
+        clock: IReactorTime,
+        on_answer: Callable[[str, str], None] = lambda kind, outcome: None,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._clock = clock
+        self._on_answer = on_answer
+        #: One delivery at a time per job, so its messages stay in order.
+        self._draining: dict[str, Deferred[None]] = {}
+        self._sleeps: set[Deferred[None]] = set()
+        self._stopped = False
+
+    def start(self) -> None:
+        """Send what an earlier run left pending."""
+        for job_id in dict.fromkeys(r.job_id for r in self._store.outbox() if r.state == PENDING):
+            self.deliver(job_id)
+
+    def deliver(self, job_id: str, after: Optional[Deferred[Any]] = None) -> None:
+        """Send ``job_id``'s pending messages, once ``after`` (if given) has fired."""
+        if self._stopped or job_id in self._draining:
+            return
+        d = ensureDeferred(self._drain(job_id, after))
+        self._draining[job_id] = d
+
+        def done(result: object) -> None:
+            if self._draining.get(job_id) is d:
+                del self._draining[job_id]
+            if isinstance(result, Exception):
+                self.log.error(
+                    "job {job_id}: delivering to the SHA stopped: {error}",
+                    job_id=job_id,
+                    error=result,
+                )
+
+        d.addBoth(done)
+
+    def stop(self) -> None:
+        """No more sends; what is pending stays in the store for the next start."""
+        self._stopped = True
+        for sleep in list(self._sleeps):
+            sleep.cancel()
+
+    def wait(self) -> Deferred[None]:
+        """Fires once every delivery under way has ended; cancelling it cancels none."""
+        done: Deferred[None] = Deferred()
+
+        def ended(_: object) -> None:
+            if not done.called:
+                done.callback(None)
+
+        DeferredList(list(self._draining.values()), consumeErrors=True).addBoth(ended)
+        return done
+
+    async def _drain(self, job_id: str, after: Optional[Deferred[Any]]) -> None:
+        if after is not None:
+            await after
+        while not self._stopped:
+            pending = [r for r in self._store.outbox(job_id) if r.state == PENDING]
+            if not pending:
+                return
+            await self._send(pending[0])
+
+    async def _send(self, row: OutboxRow) -> None:
+        attempts = row.attempts
+        unknown = 0
+        what = describe(row)
+        while not self._stopped:
+            attempts += 1
+            try:
+                answer = await self._client.request("POST", row.path, row.body)
+            except ShaUnreachable as e:
+                outcome, reason = "retry", str(e)
+            else:
+                outcome, reason = messages.outcome(row.kind, answer.code), answer.text()
+            if self._stopped:
+                # Whatever the answer, it is recorded as the next run will see it.
+                self._store.outbox_update(row.seq, PENDING, attempts, reason)
+                return
+            self._on_answer(row.kind, outcome)
+            if outcome == "delivered":
+                self._store.outbox_update(row.seq, DELIVERED, attempts, None)
+                self.log.info("job {job_id}: the SHA took {what}", job_id=row.job_id, what=what)
+                return
+            if outcome == "refused":
+                self._store.outbox_update(row.seq, REFUSED, attempts, reason)
+                self.log.error(
+                    "job {job_id}: the SHA refused {what} ({reason}); it is not sent again",
+                    job_id=row.job_id,
+                    what=what,
+                    reason=reason,
+                )
+                return
+            if outcome == "unknown_job":
+                unknown += 1
+                if unknown >= UNKNOWN_JOB_LIMIT:
+                    self._store.outbox_update(row.seq, GIVEN_UP, attempts, reason)
+                    self.log.error(
+                        "job {job_id}: the SHA answered {reason} to {what} {count} times: "
+                        "it does not know this job; not sent again",
+                        job_id=row.job_id,
+                        what=what,
+                        reason=reason,
+                        count=unknown,
+                    )
+                    return
+            else:
+                unknown = 0
+            self._store.outbox_update(row.seq, PENDING, attempts, reason)
+            delay = BACKOFF[min(attempts, len(BACKOFF)) - 1]
+            if attempts == 1 or attempts % WARN_EVERY == 0:
+                self.log.warn(
+                    "job {job_id}: {what} did not reach the SHA (attempt {attempts}: {reason}); "
+                    "trying again in {delay:g} s, and until it does",
+                    job_id=row.job_id,
+                    what=what,
+                    attempts=attempts,
+                    reason=reason,
+                    delay=delay,
+                )
+            await self._sleep(delay)
+
+    async def _sleep(self, seconds: float) -> None:
+        d = deferLater(self._clock, seconds, lambda: None)
+        self._sleeps.add(d)
+        try:
+            await d
+        except CancelledError:
+            pass
+        finally:
+            self._sleeps.discard(d)
+
+
+def summary(rows: list[OutboxRow]) -> Optional[dict[str, Any]]:
+    """How a job's messages to the SHA stand, for its status; None if it has none."""
+    if not rows:
+        return None
+    completes = [r for r in rows if r.kind == "complete"]
+    finals = [r for r in rows if r.kind == "telemetry"]
+    completion: Optional[dict[str, Any]] = None
+    if completes:
+        states = {r.state for r in completes}
+        if states & {REFUSED, GIVEN_UP}:
+            state = REFUSED
+        elif NOT_SENT in states:
+            state = NOT_SENT
+        elif PENDING in states:
+            state = "pending"
+        else:
+            state = DELIVERED
+        errors = [
+            f"{describe(r)}: {r.reason}" for r in completes if r.state != DELIVERED and r.reason
+        ]
+        completion = {
+            "state": state,
+            "error": "; ".join(errors) or None,
+            "disks": [
+                {
+                    "disk_index": r.disk_index,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "reason": r.reason,
+                }
+                for r in completes
+            ],
+        }
+    final = finals[-1] if finals else None
+    return {
+        "completion": completion,
+        "final_state": None
+        if final is None
+        else {"state": final.state, "attempts": final.attempts, "reason": final.reason},
+    }
