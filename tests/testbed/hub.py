@@ -57,8 +57,15 @@ class Target:
         }
 
 
-def port_is_free(port: int) -> bool:
+def port_is_free(port: int, reuse_address: bool = False) -> bool:
+    """Whether ``port`` can be bound on loopback now.
+
+    ``reuse_address`` asks as a server that sets SO_REUSEADDR (qemu-nbd does)
+    would: a port whose last connection lingers in TIME_WAIT counts as free.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
