@@ -333,7 +333,11 @@ class Job:
                     else disk.bytes_total,
                     vmware_disk_key=event.vmware_disk_key or disk.vmware_disk_key,
                     capacity_bytes=event.capacity_bytes or disk.capacity_bytes,
-                )._touch(now, phase="transfer", current_operation=f"Copying disk {key}")
+                )._touch(
+                    now,
+                    phase="transfer",
+                    current_operation=f"Copying disk {event.vmware_disk_key or key}",
+                )
             case events.Progress(disk_key=None):
                 return self._touch(
                     now,

@@ -39,6 +39,8 @@ MIN_SPACING = 1.1
 MOVING_INTERVAL = 4.0
 IDLE_INTERVAL = 25.0
 UNKNOWN_JOB_LIMIT = 3
+#: Ended jobs whose push record is kept for their status (the oldest go first).
+KEEP_ENDED = 1000
 
 
 @attrs.define
@@ -96,6 +98,7 @@ class LiveTelemetry:
         self._running = running
         self._on_answer = on_answer
         self._jobs: dict[str, JobPushes] = {}
+        self._ended: dict[str, None] = {}
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -109,6 +112,9 @@ class LiveTelemetry:
 
     def job_started(self, job: Job) -> None:
         """A first push now: the SHA's stale-job detector covers the job from here on."""
+        # A new run of an ended job's id starts afresh.
+        self._ended.pop(job.job_id, None)
+        self._jobs[job.job_id] = JobPushes()
         self._consider(job)
 
     def finished(self, job_id: str) -> Deferred[None]:
@@ -117,6 +123,11 @@ class LiveTelemetry:
         if pushes is None:
             return succeed(None)
         pushes.finished = True
+        self._ended[job_id] = None
+        while len(self._ended) > KEEP_ENDED:
+            oldest = next(iter(self._ended))
+            del self._ended[oldest]
+            self._jobs.pop(oldest, None)
         if pushes.in_flight is None:
             return succeed(None)
         done: Deferred[None] = Deferred()
@@ -125,9 +136,6 @@ class LiveTelemetry:
 
     def state(self, job_id: str) -> Optional[JobPushes]:
         return self._jobs.get(job_id)
-
-    def forget(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
 
     def _tick(self) -> None:
         for job in self._running():

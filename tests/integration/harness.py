@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
+from urllib.parse import quote
 
 import pytest
 
@@ -244,7 +245,7 @@ class Api:
         return started
 
     def status(self, job_id: str) -> dict[str, Any]:
-        answer = self.get(f"/api/v1/status/{job_id}")
+        answer = self.get(f"/api/v1/status/{quote(job_id, safe='')}")
         assert answer.status == 200, answer
         status: dict[str, Any] = answer.json()
         return status
