@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -74,6 +74,9 @@ class Outbox:
         #: One delivery at a time per job, so its messages stay in order.
         self._draining: dict[str, Deferred[None]] = {}
         self._sleeps: set[Deferred[None]] = set()
+        #: Jobs whose delivery waits to try again.
+        self._backing_off: set[str] = set()
+        self._waiters: list[Deferred[None]] = []
         self._stopped = False
 
     def start(self) -> None:
@@ -91,6 +94,7 @@ class Outbox:
         def done(result: object) -> None:
             if self._draining.get(job_id) is d:
                 del self._draining[job_id]
+                self._idle()
             if isinstance(result, Exception):
                 self.log.error(
                     "job {job_id}: delivering to the SHA stopped: {error}",
@@ -107,15 +111,20 @@ class Outbox:
             sleep.cancel()
 
     def wait(self) -> Deferred[None]:
-        """Fires once every delivery under way has ended; cancelling it cancels none."""
+        """Fires once no message is being sent or about to be: every delivery has ended
+        or waits to try again.  Cancelling it cancels no delivery."""
         done: Deferred[None] = Deferred()
-
-        def ended(_: object) -> None:
-            if not done.called:
-                done.callback(None)
-
-        DeferredList(list(self._draining.values()), consumeErrors=True).addBoth(ended)
+        self._waiters.append(done)
+        self._idle()
         return done
+
+    def _idle(self) -> None:
+        if set(self._draining) - self._backing_off:
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
 
     async def _drain(self, job_id: str, after: Optional[Deferred[Any]]) -> None:
         if after is not None:
@@ -183,7 +192,12 @@ class Outbox:
                     reason=reason,
                     delay=delay,
                 )
-            await self._sleep(delay)
+            self._backing_off.add(row.job_id)
+            self._idle()
+            try:
+                await self._sleep(delay)
+            finally:
+                self._backing_off.discard(row.job_id)
 
     async def _sleep(self, seconds: float) -> None:
         d = deferLater(self._clock, seconds, lambda: None)

@@ -404,6 +404,26 @@ def test_a_final_state_of_an_unknown_job_is_given_up(sha: FakeSha) -> None:
     assert store.outbox()[0].state == "given_up"
 
 
+def test_waiting_for_deliveries_does_not_wait_for_a_sha_that_is_down(sha: FakeSha) -> None:
+    """At shutdown the daemon waits for messages being sent, not for retries to come."""
+    store = MemoryJobStore()
+    job = ended_job()
+    store.save(job, messages.final_messages(job, T0))
+    box, clock, treq = outbox(sha, store)
+    sha.hold = Deferred()
+    box.deliver(job.job_id)
+    waited = box.wait()
+    assert not waited.called, "a request is under way"
+    sha.codes = [503]
+    sha.hold.callback(None)
+    treq.flush()
+    assert waited.called, "backing off: nothing under way"
+    sha.hold = None
+    clock.advance(BACKOFF[0])
+    treq.flush()
+    assert {r.state for r in store.outbox()} == {"delivered"}
+
+
 def test_what_a_stopped_daemon_left_goes_at_the_next_start(sha: FakeSha) -> None:
     store = MemoryJobStore()
     job = ended_job()
