@@ -225,6 +225,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         lambda: manager.counts(),
         relays,
         launcher.spares.counts if launcher.spares is not None else None,
+        store.outbox_counts if config["sha-url"] else None,
     )
     pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
     sessions = SessionPool(

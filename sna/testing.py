@@ -103,6 +103,12 @@ class MemoryJobStore:
             for m in self.messages
         ]
 
+    def outbox_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for message in self.messages:
+            counts[message.state] = counts.get(message.state, 0) + 1
+        return counts
+
     def close(self) -> None:
         self.closed = True
 

@@ -116,6 +116,9 @@ class IJobStore(Interface):
     def outbox_update(seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
         """Record how far one message got."""
 
+    def outbox_counts() -> dict[str, int]:
+        """How many messages are in each state."""
+
     def close() -> None:
         """Release the database."""
 
@@ -232,6 +235,10 @@ class SQLiteJobStore:
             " WHERE seq = ?",
             (state, attempts, reason, _now(), seq),
         )
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM sha_messages GROUP BY state")
+        return {state: count for state, count in rows}
 
     def close(self) -> None:
         if self._db is not None:

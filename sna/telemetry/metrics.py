@@ -28,10 +28,12 @@ class _LiveCollector(Collector):
         job_counts: Callable[[], dict[str, int]],
         relays: RelayRegistry,
         spares: Optional[Callable[[], dict[str, int]]],
+        sha_messages: Optional[Callable[[], dict[str, int]]],
     ) -> None:
         self._job_counts = job_counts
         self._relays = relays
         self._spares = spares
+        self._sha_messages = sha_messages
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("sna_jobs", "Jobs the daemon knows, by status.", labels=["status"])
@@ -76,6 +78,17 @@ class _LiveCollector(Collector):
                 spares.add_metric([state], count)
             yield spares
 
+        if self._sha_messages is not None:
+            messages = GaugeMetricFamily(
+                "sna_sha_messages",
+                "Completions and final states for the SHA, by state (pending: not taken yet).",
+                labels=["state"],
+            )
+            counts = {"pending": 0, "delivered": 0, **self._sha_messages()}
+            for state, count in sorted(counts.items()):
+                messages.add_metric([state], count)
+            yield messages
+
         info = GaugeMetricFamily("sna_info", "The running sna.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -89,9 +102,10 @@ class Metrics:
         job_counts: Callable[[], dict[str, int]],
         relays: RelayRegistry,
         spares: Optional[Callable[[], dict[str, int]]] = None,
+        sha_messages: Optional[Callable[[], dict[str, int]]] = None,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_LiveCollector(job_counts, relays, spares))
+        self.registry.register(_LiveCollector(job_counts, relays, spares, sha_messages))
         self.probe_failures = Counter(
             "sna_nbd_probe_failures",
             "NBD targets that failed the pre-job handshake probe, by reason.",

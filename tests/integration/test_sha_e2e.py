@@ -228,6 +228,10 @@ def test_a_full_then_an_incremental_the_sha_s_way(
     assert report["completion"]["state"] == "delivered"
     assert [d["state"] for d in report["completion"]["disks"]] == ["delivered", "delivered"]
     assert report["telemetry"]["stopped"] is None and report["telemetry"]["delivered"] >= 1
+    metrics = sna.api.get("/metrics").text
+    assert 'sna_sha_requests_total{outcome="delivered",route="complete"} 2.0' in metrics
+    assert 'sna_sha_messages{state="delivered"} 3.0' in metrics
+    assert 'sna_sha_messages{state="pending"} 0.0' in metrics
     assert state["problems"] == [], state["problems"]
 
     # Changes, then an incremental exactly as the SHA starts it.

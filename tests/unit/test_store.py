@@ -63,6 +63,7 @@ def test_an_ended_job_and_its_messages_are_one_write(tmp_path: Path) -> None:
         ("telemetry", None, "pending", 0, None),
     ]
     assert again.outbox("other") == []
+    assert again.outbox_counts() == {"delivered": 1, "not_sent": 1, "pending": 1}
     again.delete(["j1"])
     assert again.outbox() == [] and again.load_all() == []
     again.close()
