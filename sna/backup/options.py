@@ -317,41 +317,34 @@ def parse_targets(text: str) -> tuple[Target, ...]:
     return tuple(targets)
 
 
-def _previous_ids(text: Optional[str]) -> dict[str, str]:
+def _by_target_key(text: Optional[str], option: str) -> dict[str, object]:
+    """A JSON object by target key (``{"2000": …}``); null values left out."""
     if text is None or not text.strip():
         return {}
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise UsageError(f"--previous-change-ids is not JSON: {e}") from None
+        raise UsageError(f"{option} is not JSON: {e}") from None
     if not isinstance(value, dict):
-        raise UsageError("--previous-change-ids must be a JSON object by disk key")
+        raise UsageError(f"{option} must be a JSON object by target key")
+    return {_disk_key(str(key), option): v for key, v in value.items() if v is not None}
+
+
+def _previous_ids(text: Optional[str]) -> dict[str, str]:
     result: dict[str, str] = {}
-    for key, change_id in value.items():
-        disk_key = _disk_key(str(key), "--previous-change-ids")
-        if change_id is None:
-            continue
+    for key, change_id in _by_target_key(text, "--previous-change-ids").items():
         if not isinstance(change_id, str):
-            raise UsageError(f"--previous-change-ids: the value for {disk_key} is not a string")
-        result[disk_key] = change_id
+            raise UsageError(f"--previous-change-ids: the value for {key} is not a string")
+        result[key] = change_id
     return result
 
 
 def _previous_capacities(text: Optional[str]) -> dict[str, int]:
-    if text is None or not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"--previous-capacities is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise UsageError("--previous-capacities must be a JSON object by target key")
     result: dict[str, int] = {}
-    for key, capacity in value.items():
-        disk_key = _disk_key(str(key), "--previous-capacities")
+    for key, capacity in _by_target_key(text, "--previous-capacities").items():
         if type(capacity) is not int or capacity <= 0:
-            raise UsageError(f"--previous-capacities: the value for {disk_key} is not a size")
-        result[disk_key] = capacity
+            raise UsageError(f"--previous-capacities: the value for {key} is not a size")
+        result[key] = capacity
     return result
 
 

@@ -303,29 +303,14 @@ class Job:
         match event:
             case events.Phase(phase=phase, message=message):
                 return self._touch(now, phase=phase, current_operation=message or phase)
-            case events.DiskPlan(disk_key=key):
+            case events.DiskPlan(disk_key=key) | events.DiskStart(disk_key=key):
                 index = self._disk(key)
                 if index is None:
                     return self._touch(now)
                 disk = self.disks[index]
-                return self._with_disk(
+                job = self._with_disk(
                     index,
                     now,
-                    sync_type=event.sync_type,
-                    sync_reason=event.sync_reason or disk.sync_reason,
-                    bytes_total=event.bytes_total,
-                    vmware_disk_key=event.vmware_disk_key or disk.vmware_disk_key,
-                    capacity_bytes=event.capacity_bytes or disk.capacity_bytes,
-                )
-            case events.DiskStart(disk_key=key):
-                index = self._disk(key)
-                if index is None:
-                    return self._touch(now)
-                disk = self.disks[index]
-                return self._with_disk(
-                    index,
-                    now,
-                    status="running",
                     sync_type=event.sync_type or disk.sync_type,
                     sync_reason=event.sync_reason or disk.sync_reason,
                     bytes_total=event.bytes_total
@@ -333,7 +318,10 @@ class Job:
                     else disk.bytes_total,
                     vmware_disk_key=event.vmware_disk_key or disk.vmware_disk_key,
                     capacity_bytes=event.capacity_bytes or disk.capacity_bytes,
-                )._touch(
+                )
+                if isinstance(event, events.DiskPlan):
+                    return job
+                return job._with_disk(index, now, status="running")._touch(
                     now,
                     phase="transfer",
                     current_operation=f"Copying disk {event.vmware_disk_key or key}",
