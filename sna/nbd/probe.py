@@ -29,6 +29,7 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -50,6 +51,10 @@ from sna.nbd.wire import (
 log = Logger()
 
 DEFAULT_PROBE_TIMEOUT = 5.0
+#: How long a refused target is asked again.  The SHA starts qemu-nbd and calls
+#: backup/start without waiting for it to listen (sha-contract.md §1.2).
+REFUSED_GRACE = 1.0
+REFUSED_RETRY = 0.05
 
 ProbeReason = Literal[
     "refused", "timeout", "not_nbd", "export_missing", "handshake_error", "unreachable"
@@ -238,25 +243,31 @@ def probe_all(
     reactor: IReactorTCP,
     targets: Iterable[TargetT],
     timeout: float = DEFAULT_PROBE_TIMEOUT,
+    refused_grace: float = REFUSED_GRACE,
 ) -> Deferred[list[ProbeResult[TargetT]]]:
     """Probe every target at once; one result per target, in the given order.
 
     Never fails for a target's sake: each failure is a ``ProbeResult`` with
-    ``error`` set.
+    ``error`` set.  A target that refuses the connection is asked again,
+    with growing pauses, for ``refused_grace`` seconds (at most ``timeout``):
+    a qemu-nbd started a moment ago may not listen yet.
     """
+    clock = IReactorTime(reactor)
 
-    def one(target: TargetT) -> Deferred[ProbeResult[TargetT]]:
-        def ok(info: ExportInfo) -> ProbeResult[TargetT]:
-            return ProbeResult(target, info=info)
+    async def one(target: TargetT) -> ProbeResult[TargetT]:
+        give_up = clock.seconds() + min(refused_grace, timeout)
+        pause = REFUSED_RETRY
+        while True:
+            try:
+                info = await probe(reactor, target.host, target.port, target.export, timeout)
+            except ProbeFailed as problem:
+                if problem.reason != "refused" or clock.seconds() + pause > give_up:
+                    return ProbeResult(target, error=problem)
+            else:
+                return ProbeResult(target, info=info)
+            await deferLater(clock, pause, lambda: None)
+            pause *= 2
 
-        def not_ok(failure: Failure) -> ProbeResult[TargetT]:
-            problem = failure.value
-            if not isinstance(problem, ProbeFailed):
-                failure.raiseException()
-            assert isinstance(problem, ProbeFailed)
-            return ProbeResult(target, error=problem)
-
-        d = probe(reactor, target.host, target.port, target.export, timeout)
-        return d.addCallbacks(ok, not_ok)
-
-    return gatherResults([one(target) for target in targets], consumeErrors=True)
+    return gatherResults(
+        [Deferred.fromCoroutine(one(target)) for target in targets], consumeErrors=True
+    )

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -252,6 +253,42 @@ def test_closed_port_is_refused(daemon_factory: DaemonFactory, job_ids: JobIds) 
     assert target["reason"] == "refused"
     assert str(port) in target["message"]
     assert probe_failures(daemon, "refused") == before + 1
+
+
+def test_a_target_that_listens_a_moment_late_is_waited_for(
+    daemon_factory: DaemonFactory, job_ids: JobIds, qemu_nbd_factory: QemuNbdFactory
+) -> None:
+    """The SHA starts qemu-nbd and calls backup/start without waiting for it to listen."""
+    daemon = daemon_factory(extra=ANY_PORT)
+    server = qemu_nbd_factory(DISK_SIZE, "pgtest1-disk0")
+    late = free_port()
+    forwarder: list[subprocess.Popen[bytes]] = []
+
+    def listen_later() -> None:
+        time.sleep(0.3)
+        forwarder.append(
+            subprocess.Popen(
+                [
+                    "socat",
+                    f"TCP-LISTEN:{late},bind={HOST},reuseaddr,fork",
+                    f"TCP:{HOST}:{server.port}",
+                ]
+            )
+        )
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        job_id = job_ids("late")
+        body = backup_body(job_id, nbd_targets=nbd_target("2000", late, "pgtest1-disk0"))
+        answer = daemon.api.post("/api/v1/backup/start", body)
+        assert answer.status == 200, answer
+        assert daemon.api.wait_status(job_id, "completed", "failed")["status"] == "completed"
+    finally:
+        thread.join()
+        for process in forwarder:
+            process.terminate()
+            process.wait()
 
 
 def test_missing_export(

@@ -34,7 +34,14 @@ from sna.nbd.errors import (
     TransmissionError,
     UnsupportedRequest,
 )
-from sna.nbd.probe import ProbeFailed, ProbeResult, probe, probe_all
+from sna.nbd.probe import (
+    REFUSED_GRACE,
+    REFUSED_RETRY,
+    ProbeFailed,
+    ProbeResult,
+    probe,
+    probe_all,
+)
 from sna.nbd.wire import (
     ClientHandshake,
     Command,
@@ -938,8 +945,35 @@ def test_probe_all_reports_each_target_in_order() -> None:
     protocol.makeConnection(StringTransport())
     protocol.dataReceived(greeting() + info_replies(Option.INFO))
     protocol.connectionLost(Failure(ConnectionDone()))
+    # Refused is asked again, with growing pauses, for REFUSED_GRACE seconds.
+    attempts = 1
+    while not d.called:
+        reactor.advance(0.01)
+        while len(reactor.tcpClients) > 1 + attempts:
+            reactor.tcpClients[1 + attempts][2].clientConnectionFailed(
+                None, Failure(ConnectionRefusedError())
+            )
+            attempts += 1
+    assert reactor.seconds() <= REFUSED_GRACE and attempts >= 4
     results = result_of(d)
     assert [r.target for r in results] == targets
     assert isinstance(results[0], ProbeResult) and results[0].ok
     assert results[0].info.size == 64 * MiB
     assert not results[1].ok and results[1].error.reason == "refused"
+
+
+def test_a_target_that_begins_to_listen_a_moment_later_passes() -> None:
+    """The SHA starts qemu-nbd and calls backup/start without waiting for it to listen."""
+    from sna.jobs.model import NbdTarget
+
+    reactor = MemoryReactorClock()
+    d = probe_all(reactor, [NbdTarget("2000", "127.0.0.1", 10100, "a")], timeout=3)
+    reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert not d.called
+    reactor.advance(REFUSED_RETRY)
+    protocol = reactor.tcpClients[1][2].buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(greeting() + info_replies(Option.INFO))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    [result] = result_of(d)
+    assert result.ok
