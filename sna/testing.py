@@ -58,6 +58,8 @@ class MemoryJobStore:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.settings: dict[str, Any] = {}
         self.messages: list[OutboxRow] = []
+        #: Never reused, as SQLite's AUTOINCREMENT.
+        self._seqs = itertools.count(1)
         self.saves = 0
         self.closed = False
 
@@ -67,7 +69,7 @@ class MemoryJobStore:
         for message in outbox:
             self.messages.append(
                 OutboxRow(
-                    seq=len(self.messages) + 1,
+                    seq=next(self._seqs),
                     job_id=job.job_id,
                     kind=message.kind,
                     path=message.path,
@@ -102,6 +104,9 @@ class MemoryJobStore:
             attrs.evolve(m, state=state, attempts=attempts, reason=reason) if m.seq == seq else m
             for m in self.messages
         ]
+
+    def outbox_forget(self, job_id: str) -> None:
+        self.messages = [m for m in self.messages if m.job_id != job_id]
 
     def outbox_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

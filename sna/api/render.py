@@ -213,8 +213,8 @@ def progress(job: Job, now: datetime) -> dict[str, Any]:
     if job.disks:
         body["disk_progresses"] = [
             {
-                "disk_id": d.disk_key,
-                "label": f"Disk {d.disk_key}",
+                "disk_id": d.vmware_disk_key or d.disk_key,
+                "label": f"Disk {d.vmware_disk_key or d.disk_key}",
                 "bytes_transferred": d.bytes_done,
                 "total_bytes": d.bytes_total or 0,
                 "percent": round(100.0 * d.bytes_done / d.bytes_total, 2) if d.bytes_total else 0.0,

@@ -87,7 +87,8 @@ def log_file_name(job_id: str) -> str:
     whole character to leave room for ``~`` and 16 hex digits of the id's
     SHA-256.
     """
-    pieces = [urllib.parse.quote(char, safe=_FILE_SAFE) for char in job_id]
+    # "~" is left alone by quote() (it is unreserved in URLs); here it marks a shortened name.
+    pieces = [urllib.parse.quote(char, safe=_FILE_SAFE).replace("~", "%7E") for char in job_id]
     encoded = "".join(pieces)
     if len(encoded) > _MAX_LOG_STEM:
         # Whole characters only, so what is kept still decodes.

@@ -324,11 +324,17 @@ class JobManager:
 
     async def _start(self, request: BackupRequest) -> Job:
         # The SHA is asked while the targets are probed: neither waits for the other.
-        asking: Deferred[dict[int, Lookup]] = (
-            self.hub.previous_change_ids(request.vm_name, sorted(request.disk_indexes.values()))
-            if self.hub is not None
-            else succeed({})
-        )
+        asking: Deferred[dict[int, Lookup]] = succeed({})
+        if self.hub is not None:
+            asking = self.hub.previous_change_ids(
+                request.vm_name, sorted(request.disk_indexes.values())
+            )
+            if request.backup_type == "full":
+                # A full is copied in full whatever the answer: it is only logged, and a
+                # slow SHA must not hold the start.
+                asking.addCallback(lambda answers: self._with_previous(request, answers))
+                asking.addErrback(lambda f: self.log.failure("logging the SHA's answers", f))
+                asking = succeed({})
         results = await self._gateway.probe(request.targets, self.settings.probe_timeout)
         answers = await asking
         failures = [r for r in results if r.error is not None]
@@ -443,6 +449,10 @@ class JobManager:
             raise
         self._processes[job.job_id] = process
         self._requests[job.job_id] = (request, relayed)
+        if previous is not None:
+            # The new job replaces the ended one's record: what that one still owed
+            # the SHA goes with it, so the new job's status speaks of itself only.
+            self._store.outbox_forget(job.job_id)
         if process.running:
             self._update(self._jobs[job.job_id].spawned(process.pid, self._now(), process.spare_id))
         self._save_now(job.job_id)
@@ -523,10 +533,14 @@ class JobManager:
         job = self._jobs[job_id]
         new = job.apply(event, self._now())
         if isinstance(event, events.DiskDone):
+            disk = next((d for d in new.disks if d.disk_key == event.disk_key), None)
             self.log.info(
-                "job {job_id}: disk {disk_key} done, change ID {change_id}",
+                "job {job_id}: disk {disk_index} (target {disk_key}, VMware disk {vmware_key}) "
+                "done, change ID {change_id}",
                 job_id=job_id,
+                disk_index=disk.disk_index if disk else None,
                 disk_key=event.disk_key,
+                vmware_key=disk.vmware_disk_key if disk else None,
                 change_id=event.change_id,
             )
         self._update(new)

@@ -119,6 +119,9 @@ class IJobStore(Interface):
     def outbox_counts() -> dict[str, int]:
         """How many messages are in each state."""
 
+    def outbox_forget(job_id: str) -> None:
+        """Drop ``job_id``'s messages (a new job of that id replaces its record)."""
+
     def close() -> None:
         """Release the database."""
 
@@ -239,6 +242,9 @@ class SQLiteJobStore:
     def outbox_counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) FROM sha_messages GROUP BY state")
         return {state: count for state, count in rows}
+
+    def outbox_forget(self, job_id: str) -> None:
+        self._conn().execute("DELETE FROM sha_messages WHERE job_id = ?", (job_id,))
 
     def close(self) -> None:
         if self._db is not None:

@@ -132,7 +132,7 @@ class ShaHub:
             self._on_answer("changeid", "unreachable")
             return Lookup(error=str(e))
         if answer.code != 200:
-            self._on_answer("changeid", "refused")
+            self._on_answer("changeid", messages.outcome("changeid", answer.code))
             return Lookup(error=f"GET {self.url}{path}: {answer.text()}")
         try:
             change_id = messages.previous_change_id(answer.body)

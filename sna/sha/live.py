@@ -184,7 +184,9 @@ class LiveTelemetry:
                 self.log.info("job {job_id}: telemetry reaches the SHA again", job_id=job_id)
                 pushes.failing = None
             return
-        if outcome == "unknown_job":
+        if outcome != "unknown_job":
+            pushes.unknown_job_answers = 0
+        else:
             pushes.unknown_job_answers += 1
             if pushes.unknown_job_answers >= UNKNOWN_JOB_LIMIT:
                 pushes.stopped = (
@@ -201,6 +203,7 @@ class LiveTelemetry:
 
     def _failed(self, job_id: str, pushes: JobPushes, reason: str) -> None:
         pushes.last_answer = reason
+        pushes.unknown_job_answers = 0
         self._on_answer("unreachable")
         self._failing(job_id, pushes, reason)
 

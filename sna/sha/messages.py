@@ -221,9 +221,20 @@ def significant(body: Mapping[str, Any]) -> str:
 
 
 def final_messages(job: Job, now: datetime) -> list[Message]:
-    """What must reach the SHA once ``job`` has ended, in order: completions, then its state."""
-    final = Message("telemetry", telemetry_path(job.job_id), _encode(telemetry(job, now)))
-    return [*completions(job), final]
+    """What must reach the SHA once ``job`` has ended, in order: completions, then its state.
+
+    A completed job whose disks cannot be completed at the SHA (one has no
+    change ID) is reported failed there: its backup cannot start a chain,
+    and a completed job without completed disks could be neither restored
+    nor continued.
+    """
+    found = completions(job)
+    body = telemetry(job, now)
+    unusable = [m.not_sent for m in found if m.not_sent is not None]
+    if unusable:
+        body = telemetry(attrs.evolve(job, status=JobStatus.FAILED, error=unusable[0]), now)
+        body["error"]["code"] = "NO_CHANGE_ID"
+    return [*found, Message("telemetry", telemetry_path(job.job_id), _encode(body))]
 
 
 def encode(body: Mapping[str, Any]) -> str:
@@ -232,6 +243,7 @@ def encode(body: Mapping[str, Any]) -> str:
 
 # -- answers -------------------------------------------------------------------------------
 
+#: What an answer means; a request with no answer at all is ``unreachable``.
 Outcome = Literal["delivered", "refused", "retry", "unknown_job"]
 
 

@@ -51,6 +51,8 @@ WARN_EVERY = 10
 def describe(row: OutboxRow) -> str:
     """A message as the log and the job's status name it."""
     if row.kind == "complete":
+        if row.disk_index is None:
+            return "the completions"
         return f"the completion of disk {row.disk_index}"
     return "the final state"
 
@@ -73,6 +75,8 @@ class Outbox:
         self._on_answer = on_answer
         #: One delivery at a time per job, so its messages stay in order.
         self._draining: dict[str, Deferred[None]] = {}
+        #: What a job's next message waits for (its NBD connections closing).
+        self._gates: dict[str, Deferred[Any]] = {}
         self._sleeps: set[Deferred[None]] = set()
         #: Jobs whose delivery waits to try again.
         self._backing_off: set[str] = set()
@@ -85,10 +89,17 @@ class Outbox:
             self.deliver(job_id)
 
     def deliver(self, job_id: str, after: Optional[Deferred[Any]] = None) -> None:
-        """Send ``job_id``'s pending messages, once ``after`` (if given) has fired."""
-        if self._stopped or job_id in self._draining:
+        """Send ``job_id``'s pending messages, once ``after`` (if given) has fired.
+
+        A delivery of the job already under way takes them in turn, after it.
+        """
+        if self._stopped:
             return
-        d = ensureDeferred(self._drain(job_id, after))
+        if after is not None:
+            self._gates[job_id] = after
+        if job_id in self._draining:
+            return
+        d = ensureDeferred(self._drain(job_id))
         self._draining[job_id] = d
 
         def done(result: object) -> None:
@@ -126,10 +137,11 @@ class Outbox:
             if not waiter.called:
                 waiter.callback(None)
 
-    async def _drain(self, job_id: str, after: Optional[Deferred[Any]]) -> None:
-        if after is not None:
-            await after
+    async def _drain(self, job_id: str) -> None:
         while not self._stopped:
+            gate = self._gates.pop(job_id, None)
+            if gate is not None:
+                await gate
             pending = [r for r in self._store.outbox(job_id) if r.state == PENDING]
             if not pending:
                 return
@@ -144,7 +156,7 @@ class Outbox:
             try:
                 answer = await self._client.request("POST", row.path, row.body)
             except ShaUnreachable as e:
-                outcome, reason = "retry", str(e)
+                outcome, reason = "unreachable", str(e)
             else:
                 outcome, reason = messages.outcome(row.kind, answer.code), answer.text()
             if self._stopped:
@@ -198,6 +210,8 @@ class Outbox:
                 await self._sleep(delay)
             finally:
                 self._backing_off.discard(row.job_id)
+            if not any(r.seq == row.seq for r in self._store.outbox(row.job_id)):
+                return  # forgotten meanwhile: a new job of that id replaced its record
 
     async def _sleep(self, seconds: float) -> None:
         d = deferLater(self._clock, seconds, lambda: None)

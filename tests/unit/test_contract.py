@@ -65,6 +65,10 @@ def test_log_file_names_are_safe_and_reversible(job_id: str) -> None:
         assert job_id.startswith(kept)
 
 
+def test_a_tilde_is_encoded_it_marks_shortened_names() -> None:
+    assert ids.log_file_name("a~b") == "backup-a%7Eb.log"
+
+
 def test_long_ids_get_distinct_short_names() -> None:
     a, b = "backup-" + "ü" * 200 + "-1", "backup-" + "ü" * 200 + "-2"
     assert ids.log_file_name(a) != ids.log_file_name(b)

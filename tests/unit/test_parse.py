@@ -37,6 +37,7 @@ def parse_json(text: str) -> list[Event]:
 
 ALL_KINDS = (
     events.Phase,
+    events.DiskPlan,
     events.DiskStart,
     events.Progress,
     events.DiskDone,
@@ -105,6 +106,36 @@ def test_legacy_parsers_do_not_share_state() -> None:
         (
             line(event="disk_start", disk_key=2001, sync_type="incremental"),
             events.DiskStart("2001", "incremental", "", None),
+        ),
+        (
+            line(
+                event="disk_start",
+                disk_key="2001",
+                sync_type="full",
+                vmware_disk_key=16000,
+                capacity_bytes=5 << 30,
+            ),
+            events.DiskStart("2001", "full", "", None, "16000", 5 << 30),
+        ),
+        (
+            line(
+                event="disk_plan",
+                disk_key="2000",
+                sync_type="incremental",
+                sync_reason="changes since 52 aa/3",
+                bytes_total=65536,
+                vmware_disk_key="16000",
+                capacity_bytes=5368709120,
+                areas=1,
+                base_change_id="52 aa/3",
+            ),
+            events.DiskPlan(
+                "2000", "incremental", 65536, "changes since 52 aa/3", "16000", 5368709120
+            ),
+        ),
+        (
+            line(event="disk_plan", disk_key=2001, sync_type="full", bytes_total=0),
+            events.DiskPlan("2001", "full", 0),
         ),
         (
             line(
@@ -194,6 +225,7 @@ def test_json_non_utf8_after_replacement_decoding() -> None:
 PROGRESS = {"event": "progress", "disk_key": "2000", "bytes_done": 1, "bytes_total": 2}
 DISK_DONE = {"event": "disk_done", "disk_key": "2000", "change_id": CHANGE_ID_0}
 DISK_START = {"event": "disk_start", "disk_key": "2000", "sync_type": "full"}
+DISK_PLAN = {"event": "disk_plan", "disk_key": "2000", "sync_type": "full", "bytes_total": 9}
 
 
 def changed(base: dict[str, Any], **changes: Any) -> str:
@@ -237,6 +269,15 @@ HOSTILE = [
     without(DISK_DONE, "disk_key"),
     without(DISK_START, "sync_type"),
     without(DISK_START, "disk_key"),
+    without(DISK_PLAN, "disk_key"),
+    without(DISK_PLAN, "sync_type"),
+    without(DISK_PLAN, "bytes_total"),
+    changed(DISK_PLAN, bytes_total=-1),
+    changed(DISK_PLAN, bytes_total=1.0),
+    changed(DISK_PLAN, sync_type="differential"),
+    changed(DISK_PLAN, vmware_disk_key="disk 2000"),
+    changed(DISK_PLAN, capacity_bytes="5 GiB"),
+    changed(DISK_START, vmware_disk_key=-5),
     '{"event":"phase","message":"no phase"}',
     '{"event":"error"}',
     # wrong types
@@ -313,7 +354,7 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-KINDS = ["phase", "disk_start", "progress", "disk_done", "error", "done"]
+KINDS = ["phase", "disk_plan", "disk_start", "progress", "disk_done", "error", "done"]
 FIELDS = [
     "event",
     "phase",
@@ -322,6 +363,8 @@ FIELDS = [
     "sync_type",
     "sync_reason",
     "bytes_total",
+    "vmware_disk_key",
+    "capacity_bytes",
     "bytes_done",
     "throughput_bps",
     "change_id",

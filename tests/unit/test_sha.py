@@ -170,8 +170,16 @@ def test_completions_one_per_disk_in_index_order_only_when_completed() -> None:
 
 def test_no_completion_at_all_when_a_disk_has_no_change_id() -> None:
     job = two_disk_job().apply(events.DiskDone("2000", "52 aa/1", 600, 600), T0)
-    [message] = messages.completions(job.ended(T0, 0, None, None))
+    [message, final] = messages.final_messages(job.ended(T0, 0, None, None), T0)
     assert message.not_sent is not None and "2001" in message.not_sent
+    # The SHA could neither restore nor continue a job completed without its disks.
+    body = json.loads(final.body)
+    assert (body["status"], body["error"]["code"]) == ("failed", "NO_CHANGE_ID")
+    store = MemoryJobStore()
+    store.save(job, [message, final])
+    report = summary(store.outbox())
+    assert report is not None and report["completion"]["state"] == "not_sent"
+    assert report["completion"]["error"].startswith("the completions: the backup client")
 
 
 @pytest.mark.parametrize(
@@ -300,6 +308,19 @@ def test_a_job_the_sha_does_not_know_stops_being_pushed(sha: FakeSha) -> None:
     assert len(sha.posts()) == 3
 
 
+def test_only_500s_in_a_row_stop_the_pushes(sha: FakeSha) -> None:
+    pusher, running, clock, treq = live(sha)
+    sha.codes = [500, 500, 503, 500, 500, 502, 500, 500]
+    pusher.start()
+    job = two_disk_job()
+    running.jobs = [job]
+    pusher.job_started(job)
+    treq.flush()
+    advance(clock, treq, 8 * IDLE_INTERVAL + 10)
+    state = pusher.state(job.job_id)
+    assert state is not None and state.stopped is None and len(sha.posts()) >= 9
+
+
 def test_a_sha_that_is_down_never_fails_the_job(sha: FakeSha) -> None:
     pusher, running, clock, treq = live(sha)
     sha.codes = [503, 503]
@@ -422,6 +443,28 @@ def test_waiting_for_deliveries_does_not_wait_for_a_sha_that_is_down(sha: FakeSh
     clock.advance(BACKOFF[0])
     treq.flush()
     assert {r.state for r in store.outbox()} == {"delivered"}
+
+
+def test_a_job_delivered_again_waits_for_its_new_gate(sha: FakeSha) -> None:
+    """A new job of the same id ends while the old one's delivery backs off."""
+    store = MemoryJobStore()
+    job = make_job().ended(T0, 1, None, None)
+    store.save(job, messages.final_messages(job, T0))
+    box, clock, treq = outbox(sha, store)
+    sha.codes = [503]
+    box.deliver(job.job_id)
+    treq.flush()
+    store.outbox_forget(job.job_id)
+    again = make_job().ended(T0, 2, None, None)
+    store.save(again, messages.final_messages(again, T0))
+    closed: Deferred[None] = Deferred()
+    box.deliver(again.job_id, after=closed)
+    clock.advance(60)
+    treq.flush()
+    assert len(sha.posts()) == 1, "not before the new job's connections are closed"
+    closed.callback(None)
+    treq.flush()
+    assert len(sha.posts()) == 2 and store.outbox()[0].state == "delivered"
 
 
 def test_what_a_stopped_daemon_left_goes_at_the_next_start(sha: FakeSha) -> None:

@@ -100,7 +100,7 @@ def test_the_sha_is_asked_while_the_targets_are_probed(harness: Harness, hub: Fa
     d = harness.treq.request(
         "POST",
         "http://sna/api/v1/backup/start",
-        data=json.dumps(backup_body()).encode(),
+        data=json.dumps(backup_body(backup_type="incremental")).encode(),
         headers={"Content-Type": "application/json"},
     )
     answered: list[Any] = []
@@ -111,6 +111,27 @@ def test_the_sha_is_asked_while_the_targets_are_probed(harness: Harness, hub: Fa
     hub.hold.callback(None)
     harness.treq.flush()
     assert answered[0].code == 200 and JOB in harness.launcher.requests
+
+
+def test_a_full_does_not_wait_for_the_sha(harness: Harness, hub: FakeHub) -> None:
+    """Its answers are only logged: a slow SHA must not hold a full's start."""
+    hub.hold = Deferred()
+    code, _ = start(harness, backup_type="full")
+    assert code == 200 and hub.asked == [("pgtest1", [0, 1])]
+    hub.hold.callback(None)
+    assert harness.launcher.requests[JOB].previous_change_ids == ()
+
+
+def test_a_new_job_of_an_ended_job_s_id_starts_with_nothing_owed(
+    harness: Harness, hub: FakeHub
+) -> None:
+    start(harness)
+    harness.launcher.transports[JOB].exit(1)
+    assert [m.kind for m in harness.store.outbox(JOB)] == ["telemetry"]
+    assert start(harness)[0] == 200
+    assert harness.store.outbox(JOB) == []
+    harness.launcher.transports[JOB].exit(1)
+    assert len(harness.store.outbox(JOB)) == 1
 
 
 def test_a_disk_resized_since_its_previous_backup_is_known_from_sna_s_records(
