@@ -30,6 +30,7 @@ from sna.api.auth import BearerTokenAuthorization, read_token
 from sna.api.http import make_site
 from sna.config import ConfigError, Settings
 from sna.jobs.janitor import SnapshotJanitor
+from sna.jobs.leftovers import LeftoverClients
 from sna.jobs.manager import JobManager
 from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
@@ -256,6 +257,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         on_probe_failure=metrics.probe_failed,
         on_client_killed=lambda request: SnapshotJanitor(vsphere).client_killed(request),
         hub=hub,
+        leftovers=LeftoverClients(reactor),
     )
     api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, hub)

@@ -30,6 +30,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from sna.contract import ids
+from sna.jobs.leftovers import ILeftoverClients
 from sna.jobs.model import BackupRequest, Job
 from sna.jobs.store import IJobStore, OutboxRow, initial_state
 from sna.nbd.gateway import ITargetGateway
@@ -462,3 +463,26 @@ class HeldThreadPool:
         finally:
             self._running = False
         return done
+
+
+@implementer(ILeftoverClients)
+class FakeLeftoverClients:
+    """Clients a dead daemon left: those of the pids in ``alive`` are found, and stay
+    until the test calls :meth:`gone`; any other pid names no client."""
+
+    def __init__(self, *alive: int) -> None:
+        self.alive = set(alive)
+        #: Each call: ``(pid, job_id, spare_id, grace)``.
+        self.asked: list[tuple[int, str, Optional[str], float]] = []
+        self._stopping: dict[int, Deferred[bool]] = {}
+
+    def stop(self, pid: int, job_id: str, spare_id: Optional[str], grace: float) -> Deferred[bool]:
+        self.asked.append((pid, job_id, spare_id, grace))
+        if pid not in self.alive:
+            return succeed(False)
+        return self._stopping.setdefault(pid, Deferred())
+
+    def gone(self, pid: int) -> None:
+        """The client ``pid`` has exited: its stop fires ``True``."""
+        self.alive.discard(pid)
+        self._stopping.pop(pid).callback(True)

@@ -8,10 +8,16 @@ while it probes the targets, starts the client through an
 record, and persists it: at once on every status change, and at most once a
 second for progress.  An ended job's record is stored together with what the
 SHA must learn of it (:mod:`sna.sha`).
+
+Each job in its hands is one :class:`ManagedJob`: its record and all that is
+in flight for it (the requests, the client, the pending write, its relays
+closing, a killed client's snapshot removal, a dead daemon's client being
+stopped), moved through its :class:`Stage` by one method per step.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -21,16 +27,18 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sna.config import ConfigError, Settings
-from sna.jobs.model import BackupRequest, Job, JobStatus, PushedProgress
+from sna.jobs.leftovers import ILeftoverClients, LeftoverClients
+from sna.jobs.model import BackupRequest, InvalidTransition, Job, JobStatus, PushedProgress
 from sna.jobs.store import IJobStore
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.sbc import events
-from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher, terminate_leftover
+from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message
 
@@ -101,19 +109,164 @@ class ShuttingDown(JobError):
     code = "shutting_down"
 
 
+class Stage(enum.Enum):
+    """How far a job is in the manager's hands (see :class:`ManagedJob`)."""
+
+    #: Admitted: the SHA is asked, the targets probed, the relays opened; no client yet.
+    STARTING = "starting"
+    #: Its client runs.
+    RUNNING = "running"
+    #: Its client is gone: its relays are closing, a killed client's snapshot is going.
+    ENDING = "ending"
+    #: Found running when sna started: the client a dead daemon left is being stopped.
+    LEFTOVER = "leftover"
+    #: Nothing of it is in flight.
+    SETTLED = "settled"
+
+
+@attrs.define(eq=False)
+class ManagedJob:
+    """One job in the manager's hands: its record and all that is in flight for it.
+
+    A started job goes :meth:`admitted` (``STARTING``), :meth:`launching`
+    (``RUNNING``), :meth:`ended` (``ENDING``), and settles once what it was
+    given to :meth:`wait_for` has fired.  A job a dead daemon left running
+    goes :meth:`stored`, :meth:`leftover`, and settles the same way.  Until it
+    settles it is live: it may hold its job id and NBD ports against other
+    starts, and shutdown waits for its relays and snapshot.
+    """
+
+    log = Logger()
+
+    job_id: str
+    stage: Stage
+    _job: Optional[Job] = attrs.field(default=None, alias="job")
+    #: The request as the SHA sent it (the hub's ports, the password) and as the
+    #: client got it (the relays' ports): in memory only, dropped when the client ends.
+    request: Optional[BackupRequest] = None
+    relayed: Optional[BackupRequest] = None
+    process: Optional[ClientProcess] = None
+    #: The write of its progress due within :data:`SAVE_INTERVAL`, if one is.
+    save_call: Optional[IDelayedCall] = None
+    #: What must fire before it settles: relays closing, a snapshot removal, a client's end.
+    waits: list[Deferred[Any]] = attrs.Factory(list)
+
+    @classmethod
+    def admitted(cls, request: BackupRequest) -> ManagedJob:
+        return cls(request.job_id, Stage.STARTING, request=request)
+
+    @classmethod
+    def stored(cls, job: Job) -> ManagedJob:
+        return cls(job.job_id, Stage.SETTLED, job=job)
+
+    @property
+    def job(self) -> Job:
+        """Its record, as served and stored; a job still starting has none."""
+        if self._job is None:
+            raise InvalidTransition(f"job {self.job_id} has not started")
+        return self._job
+
+    @job.setter
+    def job(self, job: Job) -> None:
+        self._job = job
+
+    @property
+    def holds_id(self) -> bool:
+        """Whether another start of its job id is refused: it is starting or running."""
+        return self.stage in (Stage.STARTING, Stage.RUNNING)
+
+    @property
+    def ports(self) -> list[int]:
+        """The hub's NBD ports no other job may use now."""
+        if self.stage is Stage.STARTING:
+            assert self.request is not None
+            return [t.port for t in self.request.targets]
+        if self.stage in (Stage.RUNNING, Stage.LEFTOVER):
+            return [d.port for d in self.job.disks]
+        return []
+
+    def launching(self, job: Job, request: BackupRequest, relayed: BackupRequest) -> None:
+        """Its relays are open and its client is being launched with ``relayed``."""
+        self._expect(Stage.STARTING)
+        self.stage, self._job, self.request, self.relayed = Stage.RUNNING, job, request, relayed
+
+    def launch_failed(self) -> None:
+        """The launcher refused: still no client, and no record."""
+        self._expect(Stage.RUNNING)
+        self.stage, self._job, self.relayed = Stage.STARTING, None, None
+
+    def launched(self, process: ClientProcess, now: datetime) -> None:
+        """Its client is launched; one that has already ended is not kept."""
+        if self.stage is Stage.RUNNING and process.running:
+            self.process = process
+            self.job = self.job.spawned(process.pid, now, process.spare_id)
+
+    def ended(self, job: Job) -> BackupRequest:
+        """Its client is gone, and ``job`` says how; returns the request, no longer kept."""
+        self._expect(Stage.RUNNING)
+        request = self.request
+        assert request is not None
+        self.stage, self._job = Stage.ENDING, job
+        self.request = self.relayed = self.process = None
+        return request
+
+    def leftover(self) -> None:
+        """It was running when sna stopped, and its client may still be."""
+        self._expect(Stage.SETTLED)
+        self.stage = Stage.LEFTOVER
+
+    def wait_for(
+        self, waits: Sequence[Deferred[Any]], settled: Callable[[ManagedJob], None]
+    ) -> None:
+        """Settle once each of ``waits`` has fired, then call ``settled``.
+
+        A failure of one is logged there, and goes no further.
+        """
+        if self.stage not in (Stage.ENDING, Stage.LEFTOVER):
+            raise InvalidTransition(f"job {self.job_id} is {self.stage.value}: nothing to wait for")
+        self.waits.extend(waits)
+        for d in waits:
+            d.addBoth(self._waited, d, settled)
+        self._settle(settled)
+
+    def _waited(
+        self, result: object, d: Deferred[Any], settled: Callable[[ManagedJob], None]
+    ) -> object:
+        self.waits.remove(d)
+        if isinstance(result, Failure):
+            self.log.failure(
+                "job {job_id}: what it waited for while {stage} failed",
+                result,
+                job_id=self.job_id,
+                stage=self.stage.value,
+            )
+            result = None
+        self._settle(settled)
+        return result
+
+    def _settle(self, settled: Callable[[ManagedJob], None]) -> None:
+        if not self.waits and self.stage in (Stage.ENDING, Stage.LEFTOVER):
+            self.stage = Stage.SETTLED
+            settled(self)
+
+    def _expect(self, stage: Stage) -> None:
+        if self.stage is not stage:
+            raise InvalidTransition(f"job {self.job_id} is {self.stage.value}, not {stage.value}")
+
+
 @implementer(IClientObserver)
 class _Observer:
-    def __init__(self, manager: JobManager, job_id: str) -> None:
+    def __init__(self, manager: JobManager, managed: ManagedJob) -> None:
         self._manager = manager
-        self._job_id = job_id
+        self._managed = managed
 
     def event_received(self, event: events.Event) -> None:
-        self._manager._event(self._job_id, event)
+        self._manager._event(self._managed, event)
 
     def process_ended(
         self, exit_code: Optional[int], exit_signal: Optional[int], last_output: Optional[str]
     ) -> None:
-        self._manager._ended(self._job_id, exit_code, exit_signal, last_output)
+        self._manager._ended(self._managed, exit_code, exit_signal, last_output)
 
 
 class JobManager:
@@ -130,31 +283,25 @@ class JobManager:
         on_probe_failure: Callable[[str], None] = lambda reason: None,
         on_client_killed: Callable[[BackupRequest], Deferred[Any]] = lambda request: succeed(None),
         hub: Optional[IHub] = None,
+        leftovers: Optional[ILeftoverClients] = None,
     ) -> None:
         #: The SHA, when sna reports to one (``--sha-url``).
         self.hub = hub
         self._on_client_killed = on_client_killed
-        #: The requests of running jobs, password included: memory only, never stored.
-        self._requests: dict[str, tuple[BackupRequest, BackupRequest]] = {}
-        #: Snapshot removals after killed clients, waited for at shutdown.
-        self._cleanups: set[Deferred[Any]] = set()
         self._store = store
         self._launcher = launcher
         self._gateway = gateway
         self._on_probe_failure = on_probe_failure
         self._clock = clock
         self._now = now
+        self._leftovers = leftovers if leftovers is not None else LeftoverClients(clock)
         self.settings = settings
-        self._jobs: dict[str, Job] = {}
-        self._processes: dict[str, ClientProcess] = {}
-        self._save_calls: dict[str, IDelayedCall] = {}
+        #: Every job by id, ended ones included (the newest of a reused id).
+        self._jobs: dict[str, ManagedJob] = {}
+        #: The jobs not settled, in the order they came: starting ones (not in ``_jobs``
+        #: yet), and ended ones whose id a newer job has taken.
+        self._live: list[ManagedJob] = []
         self._stopping = False
-        #: NBD ports of clients left by a dead daemon, until they are gone.
-        self._reserved: dict[int, str] = {}
-        #: Requests admitted whose client is not spawned yet (probing, relaying).
-        self._starting: dict[str, BackupRequest] = {}
-        #: Relays of ended jobs still closing.
-        self._closing: dict[str, Deferred[None]] = {}
 
     # -- lifecycle ------------------------------------------------------
 
@@ -167,14 +314,17 @@ class JobManager:
         self._apply_stored_settings()
         leftovers = []
         for job in self._store.load_all():
+            managed = ManagedJob.stored(job)
+            self._jobs[job.job_id] = managed
             if job.status.active:
-                job = job.interrupted(self._now(), "sna stopped while the job was running")
+                job = managed.job = job.interrupted(
+                    self._now(), "sna stopped while the job was running"
+                )
                 # The hub delivers stored messages when it starts.
-                self._store.save(job, self._ended_messages(job))
+                self._save_now(managed, self._ended_messages(job))
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
                 if job.pid:
-                    leftovers.append(self._stop_leftover(job))
-            self._jobs[job.job_id] = job
+                    leftovers.append(self._stop_leftover(managed))
         self.prune()
         return DeferredList(leftovers, consumeErrors=True)
 
@@ -187,23 +337,16 @@ class JobManager:
             else:
                 self.log.info("stored setting {key} = {value}", key=key, value=value)
 
-    def _stop_leftover(self, job: Job) -> Deferred[bool]:
+    def _stop_leftover(self, managed: ManagedJob) -> Deferred[bool]:
         # Its ports stay taken until it is gone: a new job must not share a hub
         # port with a client that is still writing.
-        ports = [d.port for d in job.disks]
-        for port in ports:
-            self._reserved[port] = job.job_id
+        job = managed.job
         assert job.pid is not None
-        d = terminate_leftover(
-            self._clock, job.pid, job.job_id, self.settings.kill_grace, job.spare_id
-        )
-
-        def release(result: bool) -> bool:
-            for port in ports:
-                self._reserved.pop(port, None)
-            return result
-
-        return d.addBoth(release)
+        managed.leftover()
+        self._live.append(managed)
+        d = self._leftovers.stop(job.pid, job.job_id, job.spare_id, self.settings.kill_grace)
+        managed.wait_for([d], self._live.remove)
+        return d
 
     def prune(self) -> list[str]:
         """Forget finished jobs older than the retention period; returns their ids."""
@@ -213,7 +356,7 @@ class JobManager:
         cutoff = self._now() - timedelta(days=days)
         old = [
             j.job_id
-            for j in self._jobs.values()
+            for j in self._all()
             if not j.status.active and (j.ended_at or j.last_update) < cutoff
         ]
         if old:
@@ -230,15 +373,18 @@ class JobManager:
     def stop(self) -> Deferred[Any]:
         """Stop every client (TERM, then KILL) and write every record."""
         self._stopping = True
-        stops = [p.stop(self.settings.kill_grace) for p in self._processes.values()]
+        # Collected first: a client that ends at once takes its job out of ``_live``.
+        running = [m.process for m in self._live if m.process is not None]
+        stops = [p.stop(self.settings.kill_grace) for p in running]
         d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
 
         def flushed(result: object) -> Deferred[Any]:
-            for job_id in list(self._save_calls):
-                self._save_now(job_id)
+            for managed in self._jobs.values():
+                if managed.save_call is not None:
+                    self._save_now(managed)
             # Every job has ended by now, so each relay is closing; wait for them,
             # and for the snapshots of clients that had to be killed.
-            waits = [*self._closing.values(), *self._cleanups]
+            waits = [w for m in self._live if m.stage is Stage.ENDING for w in m.waits]
             return DeferredList(waits, consumeErrors=True)
 
         return d.addBoth(flushed)
@@ -247,16 +393,17 @@ class JobManager:
 
     def get(self, job_id: str) -> Job:
         try:
-            return self._with_relay_counts(self._jobs[job_id])
+            return self._with_relay_counts(self._jobs[job_id].job)
         except KeyError:
             raise UnknownJob(f"job {job_id} not found") from None
 
     def jobs(self, status: Optional[JobStatus] = None) -> list[Job]:
         return [
-            self._with_relay_counts(j)
-            for j in self._jobs.values()
-            if status is None or j.status is status
+            self._with_relay_counts(j) for j in self._all() if status is None or j.status is status
         ]
+
+    def _all(self) -> list[Job]:
+        return [managed.job for managed in self._jobs.values()]
 
     def _with_relay_counts(self, job: Job) -> Job:
         """A running job with its relays' live byte counts (kept in the record at its end)."""
@@ -273,11 +420,11 @@ class JobManager:
         return self._gateway.all_stats()
 
     def counts(self) -> dict[str, int]:
-        counted = Counter(j.status for j in self._jobs.values())
+        counted = Counter(j.status for j in self._all())
         return {status.value: counted.get(status, 0) for status in JobStatus}
 
     def active_jobs(self) -> list[Job]:
-        return [j for j in self._jobs.values() if j.status.active]
+        return [j for j in self._all() if j.status.active]
 
     # -- commands -------------------------------------------------------
 
@@ -288,41 +435,55 @@ class JobManager:
         request holds its job id and ports, so a concurrent start conflicts;
         if any step fails nothing is left: no job, no relay, no process.
         """
-        self._admit(request)
-        self._starting[request.job_id] = request
+        managed = self._admit(request)
         try:
-            return await self._start(request)
+            return await self._start(managed, request)
         finally:
-            del self._starting[request.job_id]
+            if managed.stage is Stage.STARTING:
+                self._live.remove(managed)
 
-    def _admit(self, request: BackupRequest) -> None:
+    def _admit(self, request: BackupRequest) -> ManagedJob:
         if self._stopping:
             raise ShuttingDown("sna is shutting down")
-        current = self._jobs.get(request.job_id)
-        if request.job_id in self._starting or (current is not None and current.status.active):
-            pid = f" (pid {current.pid})" if current is not None and current.pid else ""
-            raise JobActive(f"job {request.job_id} is already running{pid}")
-        active = self.active_jobs()
-        ports = {d.port: j.job_id for j in active for d in j.disks}
-        for starting in self._starting.values():
-            ports.update((t.port, starting.job_id) for t in starting.targets)
+        holding = [m for m in self._live if m.holds_id]
+        for managed in holding:
+            if managed.job_id == request.job_id:
+                running = managed.stage is Stage.RUNNING and managed.job.pid
+                pid = f" (pid {managed.job.pid})" if running else ""
+                raise JobActive(f"job {request.job_id} is already running{pid}")
         for target in request.targets:
-            if target.port in ports:
-                raise PortInUse(
-                    f"NBD port {target.port} (disk {target.disk_key}) is in use by "
-                    f"running job {ports[target.port]}"
-                )
-            if target.port in self._reserved:
+            holder = next((m for m in self._live if target.port in m.ports), None)
+            if holder is None:
+                continue
+            if holder.stage is Stage.LEFTOVER:
                 raise PortInUse(
                     f"NBD port {target.port} (disk {target.disk_key}) is still in use by the "
-                    f"client of interrupted job {self._reserved[target.port]}, being stopped"
+                    f"client of interrupted job {holder.job_id}, being stopped"
                 )
-        running = len(active) + len(self._starting)
-        if running >= self.settings.max_jobs:
-            raise AtCapacity(f"{running} jobs are running, the maximum is {self.settings.max_jobs}")
+            raise PortInUse(
+                f"NBD port {target.port} (disk {target.disk_key}) is in use by "
+                f"running job {holder.job_id}"
+            )
+        if len(holding) >= self.settings.max_jobs:
+            raise AtCapacity(
+                f"{len(holding)} jobs are running, the maximum is {self.settings.max_jobs}"
+            )
         self._launcher.check()
+        managed = ManagedJob.admitted(request)
+        self._live.append(managed)
+        return managed
 
-    async def _start(self, request: BackupRequest) -> Job:
+    @property
+    def _starting(self) -> dict[str, BackupRequest]:
+        """The requests admitted whose client is not launched yet, by job id."""
+        # tests/unit/test_nbd_gate.py reads it to see a start in progress.
+        return {
+            m.job_id: m.request
+            for m in self._live
+            if m.stage is Stage.STARTING and m.request is not None
+        }
+
+    async def _start(self, managed: ManagedJob, request: BackupRequest) -> Job:
         # The SHA is asked while the targets are probed: neither waits for the other.
         asking: Deferred[dict[int, Lookup]] = succeed({})
         if self.hub is not None:
@@ -348,7 +509,7 @@ class JobManager:
         request = self._with_previous(request, answers)
         job_id = request.job_id
         ports = await self._gateway.open_relays(
-            job_id, request.targets, lambda key, reason: self._upstream_lost(job_id, key, reason)
+            job_id, request.targets, lambda key, reason: self._upstream_lost(managed, key, reason)
         )
         try:
             if self._stopping:
@@ -360,7 +521,7 @@ class JobManager:
                     for target, port in zip(request.targets, ports, strict=True)
                 ),
             )
-            return self._spawn(request, relayed, ports)
+            return self._spawn(managed, request, relayed, ports)
         except BaseException:
             await self._gateway.close_relays(job_id)
             raise
@@ -429,77 +590,76 @@ class JobManager:
 
     def _capacity_at(self, change_id: str) -> Optional[int]:
         """The disk's capacity when sna's own records last saw ``change_id`` taken."""
-        for job in sorted(self._jobs.values(), key=lambda j: j.started_at, reverse=True):
+        for job in sorted(self._all(), key=lambda j: j.started_at, reverse=True):
             for disk in job.disks:
                 if disk.change_id == change_id and disk.capacity_bytes:
                     return disk.capacity_bytes
         return None
 
-    def _spawn(self, request: BackupRequest, relayed: BackupRequest, ports: list[int]) -> Job:
-        previous = self._jobs.get(request.job_id)
-        job = Job.from_request(request, self._now(), relay_ports=ports)
-        self._jobs[job.job_id] = job
+    def _spawn(
+        self, managed: ManagedJob, request: BackupRequest, relayed: BackupRequest, ports: list[int]
+    ) -> Job:
+        job_id = managed.job_id
+        previous = self._jobs.get(job_id)
+        managed.launching(
+            Job.from_request(request, self._now(), relay_ports=ports), request, relayed
+        )
         try:
-            process = self._launcher.launch(relayed, _Observer(self, job.job_id))
+            process = self._launcher.launch(relayed, _Observer(self, managed))
         except BaseException:
-            if previous is None:
-                del self._jobs[job.job_id]
-            else:
-                self._jobs[job.job_id] = previous
+            managed.launch_failed()
             raise
-        self._processes[job.job_id] = process
-        self._requests[job.job_id] = (request, relayed)
+        managed.launched(process, self._now())
+        self._jobs[job_id] = managed
         if previous is not None:
             # The new job replaces the ended one's record: what that one still owed
             # the SHA goes with it, so the new job's status speaks of itself only.
-            self._store.outbox_forget(job.job_id)
-        if process.running:
-            self._update(self._jobs[job.job_id].spawned(process.pid, self._now(), process.spare_id))
-        self._save_now(job.job_id)
+            self._store.outbox_forget(job_id)
+        self._save_now(managed)
         if self.hub is not None:
-            self.hub.job_started(self._jobs[job.job_id])
+            self.hub.job_started(managed.job)
         self.log.info(
             "job {job_id}: {backup_type} backup of {vm_path}, {disks} disk(s), pid {pid}",
-            job_id=job.job_id,
+            job_id=job_id,
             backup_type=request.backup_type,
             vm_path=request.vm_path,
             disks=len(request.targets),
             pid=process.pid,
         )
-        return self._jobs[job.job_id]
+        return managed.job
 
-    def _upstream_lost(self, job_id: str, disk_key: str, reason: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is None or not job.status.active:
+    def _upstream_lost(self, managed: ManagedJob, disk_key: str, reason: str) -> None:
+        if managed.stage is not Stage.RUNNING:
             return
         self.log.error(
             "job {job_id}: NBD target of disk {disk_key} dropped: {reason}",
-            job_id=job_id,
+            job_id=managed.job_id,
             disk_key=disk_key,
             reason=reason,
         )
-        self._update(job.target_lost(disk_key, reason, self._now()))
-        self._save_now(job_id)
+        managed.job = managed.job.target_lost(disk_key, reason, self._now())
+        self._save_now(managed)
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         if not job.status.active:
             raise JobNotActive(f"job {job_id} is not running (status {job.status.value})")
         if not job.cancel_requested:
-            job = self._update(job.cancelling(self._now()))
-            self._save_now(job_id)
+            managed = self._jobs[job_id]
+            job = managed.job = job.cancelling(self._now())
+            self._save_now(managed)
             self.log.info("job {job_id}: cancel requested", job_id=job_id)
-            process = self._processes.get(job_id)
-            if process is not None:
-                process.stop(self.settings.kill_grace)
+            if managed.process is not None:
+                managed.process.stop(self.settings.kill_grace)
         return job
 
     def push_progress(self, job_id: str, push: PushedProgress) -> Job:
         job = self.get(job_id)
         if not job.status.active:
             raise JobNotActive(f"job {job_id} is not running (status {job.status.value})")
-        job = self._update(job.pushed_progress(push, self._now()))
-        self._save_soon(job_id)
+        managed = self._jobs[job_id]
+        job = managed.job = job.pushed_progress(push, self._now())
+        self._save_soon(managed)
         return job
 
     def configure(self, changes: Mapping[str, Any]) -> Settings:
@@ -513,110 +673,93 @@ class JobManager:
 
     # -- from the client ------------------------------------------------
 
-    def _hub_addresses(self, job_id: str, text: str) -> str:
+    def _hub_addresses(self, managed: ManagedJob, text: str) -> str:
         """``text`` with the relays' loopback addresses put back as the hub's.
 
         The client only knows the relays; an operator reading the job's error
         wants the port the SHA gave.
         """
-        requests = self._requests.get(job_id)
-        if requests is None:
+        if managed.request is None or managed.relayed is None:
             return text
-        original, relayed = requests
-        for hub, relay in zip(original.targets, relayed.targets, strict=True):
+        for hub, relay in zip(managed.request.targets, managed.relayed.targets, strict=True):
             text = text.replace(f"{relay.host}:{relay.port}", f"{hub.host}:{hub.port}")
         return text
 
-    def _event(self, job_id: str, event: events.Event) -> None:
+    def _event(self, managed: ManagedJob, event: events.Event) -> None:
+        if managed.stage is not Stage.RUNNING:
+            return
         if isinstance(event, events.Error):
-            event = attrs.evolve(event, message=self._hub_addresses(job_id, event.message))
-        job = self._jobs[job_id]
-        new = job.apply(event, self._now())
+            event = attrs.evolve(event, message=self._hub_addresses(managed, event.message))
+        new = managed.job.apply(event, self._now())
         if isinstance(event, events.DiskDone):
             disk = next((d for d in new.disks if d.disk_key == event.disk_key), None)
             self.log.info(
                 "job {job_id}: disk {disk_index} (target {disk_key}, VMware disk {vmware_key}) "
                 "done, change ID {change_id}",
-                job_id=job_id,
+                job_id=managed.job_id,
                 disk_index=disk.disk_index if disk else None,
                 disk_key=event.disk_key,
                 vmware_key=disk.vmware_disk_key if disk else None,
                 change_id=event.change_id,
             )
-        self._update(new)
-        self._save_soon(job_id)
+        managed.job = new
+        self._save_soon(managed)
 
     def _ended(
         self,
-        job_id: str,
+        managed: ManagedJob,
         exit_code: Optional[int],
         exit_signal: Optional[int],
         last_output: Optional[str],
     ) -> None:
-        self._processes.pop(job_id, None)
-        requests = self._requests.pop(job_id, None)
         if last_output is not None:
-            last_output = self._hub_addresses(job_id, last_output)
-        job = self._with_relay_counts(self._jobs[job_id])
-        job = job.ended(
+            last_output = self._hub_addresses(managed, last_output)
+        job = self._with_relay_counts(managed.job).ended(
             self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
         )
-        if (
-            requests is not None
-            and exit_signal is not None
-            and job.status is not JobStatus.COMPLETED
-        ):
-            cleanup = self._on_client_killed(requests[0])
-            self._cleanups.add(cleanup)
-            cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
-        self._update(job)
+        request = managed.ended(job)
         # The SHA's messages are stored with the ended record, in one transaction.
-        self._save_now(job_id, self._ended_messages(job))
-        closing = self._gateway.close_relays(job_id).addCallback(self._final_counts, job_id)
-        self._closing[job_id] = closing
+        self._save_now(managed, self._ended_messages(job))
+        closing = self._gateway.close_relays(managed.job_id).addCallback(
+            self._final_counts, managed
+        )
         if self.hub is not None:
             # Completions only once every disk is flushed and disconnected, relays included:
             # the SHA stops the job's qemu-nbd on the last one.
-            self.hub.job_ended(job_id, closing)
-
-        def closed(result: object) -> None:
-            if self._closing.get(job_id) is closing:
-                del self._closing[job_id]
-
-        closing.addBoth(closed)
+            self.hub.job_ended(managed.job_id, closing)
+        waits = [closing]
+        if exit_signal is not None and job.status is not JobStatus.COMPLETED:
+            waits.append(self._on_client_killed(request))
+        managed.wait_for(waits, self._live.remove)
         self.log.info(
             "job {job_id} {status}: exit code {exit_code}, error {error}",
-            job_id=job_id,
+            job_id=managed.job_id,
             status=job.status.value,
             exit_code=exit_code,
             error=job.error,
         )
 
-    def _final_counts(self, stats: list[RelayStats], job_id: str) -> None:
+    def _final_counts(self, stats: list[RelayStats], managed: ManagedJob) -> None:
         """The relays are closed: the bytes they moved after the client's exit count too."""
-        job = self._jobs.get(job_id)
-        if job is None or job.status.active or not stats:
+        # A job pruned meanwhile, or one whose id a newer job has taken, is not written.
+        if self._jobs.get(managed.job_id) is not managed or not stats:
             return
-        self._update(
-            job.with_relay_counts({s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats})
+        managed.job = managed.job.with_relay_counts(
+            {s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats}
         )
-        self._save_now(job_id)
+        self._save_now(managed)
 
     # -- persistence ----------------------------------------------------
 
-    def _update(self, job: Job) -> Job:
-        self._jobs[job.job_id] = job
-        return job
+    def _save_soon(self, managed: ManagedJob) -> None:
+        if managed.save_call is None:
+            managed.save_call = self._clock.callLater(SAVE_INTERVAL, self._save_now, managed)
 
-    def _save_soon(self, job_id: str) -> None:
-        if job_id not in self._save_calls:
-            self._save_calls[job_id] = self._clock.callLater(SAVE_INTERVAL, self._save_now, job_id)
-
-    def _save_now(self, job_id: str, outbox: Sequence[Message] = ()) -> None:
-        call = self._save_calls.pop(job_id, None)
+    def _save_now(self, managed: ManagedJob, outbox: Sequence[Message] = ()) -> None:
+        call, managed.save_call = managed.save_call, None
         if call is not None and call.active():
             call.cancel()
-        self._store.save(self._jobs[job_id], outbox)
+        self._store.save(managed.job, outbox)
 
     def _ended_messages(self, job: Job) -> list[Message]:
         return self.hub.ended_messages(job) if self.hub is not None else []

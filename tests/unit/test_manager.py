@@ -1,4 +1,5 @@
-"""The job manager over fakes: recovery after a restart, shutdown, persistence cadence."""
+"""The job manager over fakes: recovery after a restart, shutdown, persistence cadence,
+and the stages of one managed job."""
 
 from __future__ import annotations
 
@@ -10,27 +11,43 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.filepath import FilePath
 
 from sna.config import Settings
-from sna.jobs import manager as manager_module
-from sna.jobs.manager import JobManager, PortInUse, ShuttingDown
-from sna.jobs.model import BackupRequest, JobStatus
-from sna.sbc import events
-from sna.testing import FakeGateway, FakeHub, FakeLauncher, MemoryJobStore, SteppingClock
+from sna.jobs.manager import JobManager, ManagedJob, PortInUse, ShuttingDown, Stage
+from sna.jobs.model import BackupRequest, InvalidTransition, Job, JobStatus
+from sna.nbd.relay import RelayStats
+from sna.testing import (
+    FakeGateway,
+    FakeHub,
+    FakeLauncher,
+    FakeLeftoverClients,
+    MemoryJobStore,
+    SteppingClock,
+)
 from tests.unit.conftest import started
 from tests.unit.test_model import T0, make_job
 from tests.unit.test_process import REQUEST
 
 
 def make_manager(
-    tmp_path: Path, store: MemoryJobStore | None = None
+    tmp_path: Path,
+    store: MemoryJobStore | None = None,
+    leftovers: FakeLeftoverClients | None = None,
+    gateway: FakeGateway | None = None,
 ) -> tuple[JobManager, FakeLauncher, MemoryJobStore, Clock]:
     clock = Clock()
     store = store or MemoryJobStore()
     launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
     manager = JobManager(
-        store, launcher, clock, Settings(kill_grace=5), SteppingClock(), gateway=FakeGateway()
+        store,
+        launcher,
+        clock,
+        Settings(kill_grace=5),
+        SteppingClock(),
+        gateway=gateway or FakeGateway(),
+        leftovers=leftovers or FakeLeftoverClients(),
     )
     return manager, launcher, store, clock
 
@@ -135,18 +152,19 @@ def test_finished_jobs_past_retention_are_forgotten(tmp_path: Path) -> None:
     assert manager.prune() == []
 
 
-def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gone: Deferred[bool] = Deferred()
-    monkeypatch.setattr(manager_module, "terminate_leftover", lambda *a: gone)
+def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(tmp_path: Path) -> None:
+    leftovers = FakeLeftoverClients(4242)
     store = MemoryJobStore()
-    store.save(attrs.evolve(make_job(), job_id=REQUEST.job_id, pid=4242))
-    manager, _, _, _ = make_manager(tmp_path, store)
-    manager.recover()
+    store.save(attrs.evolve(make_job(), job_id=REQUEST.job_id, pid=4242, spare_id="spare-1"))
+    manager, _, _, _ = make_manager(tmp_path, store, leftovers)
+    recovered: list[object] = []
+    manager.recover().addBoth(recovered.append)
+    assert leftovers.asked == [(4242, REQUEST.job_id, "spare-1", 5.0)]
     with pytest.raises(PortInUse, match="interrupted job"):
         started(manager, REQUEST)
-    gone.callback(True)
+    assert not recovered
+    leftovers.gone(4242)
+    assert recovered == [[(True, True)]]
     assert started(manager, REQUEST).status is JobStatus.RUNNING
 
 
@@ -184,8 +202,16 @@ def test_a_completed_job_owes_one_completion_per_disk(tmp_path: Path) -> None:
     )
     manager.recover()
     started(manager, REQUEST)
+    protocol = launcher.transports[REQUEST.job_id].protocol
     for key, change_id in (("2001", "52 aa/2"), ("2000", "52 bb/9")):
-        manager._event(REQUEST.job_id, events.DiskDone(key, change_id, 5, 5))
+        line = {
+            "event": "disk_done",
+            "disk_key": key,
+            "change_id": change_id,
+            "bytes_done": 5,
+            "bytes_total": 5,
+        }
+        protocol.outReceived(json.dumps(line).encode() + b"\n")
     launcher.transports[REQUEST.job_id].exit(0)
     rows = store.outbox(REQUEST.job_id)
     assert [(m.kind, m.disk_index) for m in rows] == [
@@ -236,3 +262,124 @@ def test_errors_name_the_hub_port_not_the_relay(tmp_path: Path) -> None:
     assert manager.get(REQUEST.job_id).error == (
         "backup client exited with code 1: lost nbd://127.0.0.1:10101/vm-disk1"
     )
+
+
+def test_the_last_words_on_stderr_name_the_hub_port_not_the_relay(tmp_path: Path) -> None:
+    manager, launcher, _, _ = make_manager(tmp_path)
+    manager.recover()
+    started(manager, REQUEST)
+    relayed = launcher.requests[REQUEST.job_id].targets[1]
+    transport = launcher.transports[REQUEST.job_id]
+    transport.protocol.errReceived(f"cannot reach {relayed.host}:{relayed.port}\n".encode())
+    transport.exit(1)
+    assert manager.get(REQUEST.job_id).error == (
+        "backup client exited with code 1: cannot reach 127.0.0.1:10101"
+    )
+
+
+def test_a_reused_job_id_keeps_the_old_relays_apart(tmp_path: Path) -> None:
+    gateway = FakeGateway()
+    manager, launcher, store, clock = make_manager(tmp_path, gateway=gateway)
+    launcher.dies_on = ("KILL",)
+    manager.recover()
+    first_closed: Deferred[None] = Deferred()
+    close_now = gateway.close_relays
+    closes: list[str] = []
+
+    def close_the_first_later(job_id: str) -> Deferred[list[RelayStats]]:
+        final: list[RelayStats] = []
+        close_now(job_id).addCallback(final.extend)
+        closes.append(job_id)
+        if len(closes) > 1:
+            return succeed(final)
+        return first_closed.addCallback(lambda _: final)
+
+    gateway.close_relays = close_the_first_later  # type: ignore[method-assign]
+    started(manager, REQUEST)
+    gateway.counts[REQUEST.job_id] = {"2000": (1000, 10), "2001": (500, 5)}
+    launcher.transports[REQUEST.job_id].exit(1)
+    started(manager, REQUEST)  # its first run's relays are still closing
+    stopped: list[object] = []
+    manager.stop().addBoth(stopped.append)
+    clock.advance(5)
+    assert store.load_all()[0].status is JobStatus.INTERRUPTED
+    assert not stopped, "shutdown waits for the relays of every run"
+    first_closed.callback(None)
+    assert stopped
+    job = store.load_all()[0]
+    assert [(d.bytes_to_hub, d.bytes_from_hub) for d in job.disks] == [(0, 0), (0, 0)]
+
+
+def _relayed(request: BackupRequest) -> BackupRequest:
+    targets = tuple(attrs.evolve(t, port=30000 + i) for i, t in enumerate(request.targets))
+    return attrs.evolve(request, targets=targets)
+
+
+def test_a_managed_job_holds_its_id_and_ports_until_its_client_ends() -> None:
+    managed = ManagedJob.admitted(REQUEST)
+    assert (managed.stage, managed.holds_id, managed.ports) == (
+        Stage.STARTING,
+        True,
+        [10100, 10101],
+    )
+    with pytest.raises(InvalidTransition):
+        managed.ended(make_job())
+    job = Job.from_request(REQUEST, T0, relay_ports=[30000, 30001])
+    managed.launching(job, REQUEST, _relayed(REQUEST))
+    assert (managed.stage, managed.holds_id, managed.ports) == (
+        Stage.RUNNING,
+        True,
+        [10100, 10101],
+    )
+    with pytest.raises(InvalidTransition):
+        managed.wait_for([], lambda m: None)
+    assert managed.ended(job.ended(T0, 1, None, None)) is REQUEST
+    assert (managed.stage, managed.holds_id, managed.ports) == (Stage.ENDING, False, [])
+    # The password lives as long as the client, no longer.
+    assert (managed.request, managed.relayed, managed.process) == (None, None, None)
+
+
+def test_a_refused_launch_leaves_a_managed_job_starting() -> None:
+    managed = ManagedJob.admitted(REQUEST)
+    managed.launching(Job.from_request(REQUEST, T0), REQUEST, _relayed(REQUEST))
+    managed.launch_failed()
+    assert managed.stage is Stage.STARTING and managed.relayed is None
+    with pytest.raises(InvalidTransition):
+        managed.job  # noqa: B018
+
+
+def test_a_managed_job_settles_once_all_it_waits_for_has_fired() -> None:
+    job = Job.from_request(REQUEST, T0)
+    managed = ManagedJob.admitted(REQUEST)
+    managed.launching(job, REQUEST, _relayed(REQUEST))
+    managed.ended(job.ended(T0, None, 9, None))
+    closing: Deferred[None] = Deferred()
+    cleanup: Deferred[None] = Deferred()
+    settled: list[ManagedJob] = []
+    managed.wait_for([closing, cleanup], settled.append)
+    closing.callback(None)
+    assert (managed.stage, settled) == (Stage.ENDING, [])
+    with capturedLogs() as logged:
+        cleanup.errback(RuntimeError("vCenter unreachable"))
+    assert (managed.stage, settled) == (Stage.SETTLED, [managed])
+    [event] = [e for e in logged if "log_failure" in e]
+    assert event["job_id"] == REQUEST.job_id and event["stage"] == "ending"
+    assert cleanup.result is None, "the failure goes no further"
+
+
+def test_a_leftover_holds_its_ports_not_its_id_until_its_client_is_gone() -> None:
+    job = attrs.evolve(make_job(), pid=4242).interrupted(T0, "sna stopped")
+    managed = ManagedJob.stored(job)
+    assert (managed.stage, managed.ports) == (Stage.SETTLED, [])
+    managed.leftover()
+    assert (managed.stage, managed.holds_id, managed.ports) == (
+        Stage.LEFTOVER,
+        False,
+        [10100, 10101],
+    )
+    gone: Deferred[bool] = Deferred()
+    settled: list[ManagedJob] = []
+    managed.wait_for([gone], settled.append)
+    assert not settled
+    gone.callback(True)
+    assert (managed.stage, managed.ports, settled) == (Stage.SETTLED, [], [managed])
