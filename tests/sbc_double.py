@@ -53,7 +53,7 @@ The last path component of ``--vmware-path`` (the VM name) picks the behaviour:
     (its server went away) it stops feeding it and fails as ``write`` does.
 
 Started as ``sbc_double.py standby --spare-id ID`` it is a spare, as the
-real client is (``sna/standby.py``): it prints the ready line, reads the job
+real client is (``sna/contract/standby.py``): it prints the ready line, reads the job
 (argv and added environment) from stdin, then runs it as above.
 
 In every mode but ``stubborn``, SIGTERM prints ``sbc-double: got SIGTERM``

@@ -7,7 +7,6 @@ the Go SNA's messages where it had one (``vm_name is required``).
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -17,19 +16,16 @@ from twisted.web.iweb import IRequest
 from sna.api.http import ApiError
 from sna.config import Settings, normalise_host
 from sna.contract import ids
-from sna.jobs.model import BackupRequest, NbdTarget, PushedProgress
-from sna.vmware.interface import (
-    Credentials,
-    InvalidVSphereRequest,
-    normalise_thumbprint,
-    parse_address,
-)
+from sna.contract import targets as targets_grammar
+from sna.contract.targets import NbdTarget
+from sna.contract.tls import InvalidThumbprint, normalise_thumbprint
+from sna.jobs.model import BackupRequest, PushedProgress
+from sna.vmware.interface import Credentials, InvalidVSphereRequest, parse_address
 
 #: The SHA sends this literally when it does not know the previous change ID.
 PLACEHOLDER = "PLACEHOLDER"
 
 MAX_TARGETS = 256
-MAX_EXPORT = 4096  # the NBD protocol's limit on export names
 #: Longest value of a text field: they become the client's argv and environment,
 #: where Linux allows 128 KiB per string, and no real value comes near this.
 MAX_FIELD = 4096
@@ -74,70 +70,33 @@ def check_job_id(job_id: str) -> str:
 
 
 def parse_targets(text: str, settings: Settings) -> tuple[NbdTarget, ...]:
+    """``nbd_targets`` by the contract's grammar, then this daemon's policy:
+    at most :data:`MAX_TARGETS`, allowed hosts (normalised) and ports only."""
     entries = [e.strip() for e in text.split(",")]
     if len(entries) > MAX_TARGETS:
         raise invalid("nbd_targets", f"nbd_targets has more than {MAX_TARGETS} entries")
-    targets: list[NbdTarget] = []
-    keys: dict[str, int] = {}
-    ports: dict[int, int] = {}
-    for number, entry in enumerate(entries, 1):
-        target = _parse_target(number, entry, settings)
-        where = f"nbd_targets entry {number} ({entry[:200]!r})"
-        if target.disk_key in keys:
-            raise invalid(
-                "nbd_targets",
-                f"{where}: disk key {target.disk_key} is already used by entry "
-                f"{keys[target.disk_key]}",
-            )
-        if target.port in ports:
-            raise invalid(
-                "nbd_targets",
-                f"{where}: port {target.port} is already used by entry {ports[target.port]}",
-            )
-        keys[target.disk_key] = ports[target.port] = number
-        targets.append(target)
-    return tuple(targets)
-
-
-def _parse_target(number: int, entry: str, settings: Settings) -> NbdTarget:
-    where = f"nbd_targets entry {number} ({entry[:200]!r})"
-
-    def bad(reason: str) -> ApiError:
-        return invalid("nbd_targets", f"{where}: {reason}")
-
-    if not entry:
-        raise bad("is empty; the format is {disk_key}:nbd://{host}:{port}/{export}")
-    key, sep, url = entry.partition(":")
-    if not sep or not url.startswith("nbd://"):
-        raise bad("must look like {disk_key}:nbd://{host}:{port}/{export}")
-    if not key.isascii() or not key.isdigit() or len(key) > 9:
-        raise bad(f"disk key {key!r} is not a number (a VMware device key, like 2000)")
-    key = str(int(key))
-    parts = urllib.parse.urlsplit(url)
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise bad("the URL must have no user, query or fragment")
-    host = parts.hostname
-    if not host:
-        raise bad("the URL has no host")
     try:
-        port = parts.port
-    except ValueError:
-        raise bad("the port is not a number from 1 to 65535") from None
-    if port is None:
-        raise bad("the URL has no port")
-    host = normalise_host(host)
-    if host not in settings.nbd_hosts:
-        raise bad(
-            f"host {host} is not an allowed NBD host (allowed: {', '.join(settings.nbd_hosts)})"
-        )
-    if port not in settings.nbd_ports:
-        raise bad(f"port {port} is outside the allowed NBD port range {settings.nbd_ports}")
-    export = urllib.parse.unquote(parts.path[1:])
-    if not export:
-        raise bad("the URL names no export")
-    if len(export.encode()) > MAX_EXPORT or any(not c.isprintable() for c in export):
-        raise bad("the export name is too long or has control characters")
-    return NbdTarget(key, host, port, export)
+        targets = targets_grammar.parse_targets(text)
+    except targets_grammar.TargetError as e:
+        raise invalid("nbd_targets", f"nbd_targets {e}") from None
+    allowed = []
+    for number, (entry, target) in enumerate(zip(entries, targets, strict=True), 1):
+        where = f"nbd_targets entry {number} ({entry[:200]!r})"
+        host = normalise_host(target.host)
+        if host not in settings.nbd_hosts:
+            raise invalid(
+                "nbd_targets",
+                f"{where}: host {host} is not an allowed NBD host "
+                f"(allowed: {', '.join(settings.nbd_hosts)})",
+            )
+        if target.port not in settings.nbd_ports:
+            raise invalid(
+                "nbd_targets",
+                f"{where}: port {target.port} is outside the allowed NBD port range "
+                f"{settings.nbd_ports}",
+            )
+        allowed.append(attrs.evolve(target, host=host))
+    return tuple(allowed)
 
 
 def parse_backup_request(
@@ -171,12 +130,7 @@ def parse_backup_request(
         raise invalid(
             "previous_change_id", f"previous_change_id is longer than {MAX_CHANGE_ID} characters"
         )
-    thumbprint = _optional(body, "vcenter_thumbprint")
-    if thumbprint is not None:
-        try:
-            thumbprint = normalise_thumbprint(thumbprint)
-        except InvalidVSphereRequest as e:
-            raise invalid(e.field, e.message) from None
+    thumbprint = _thumbprint(body)
     return BackupRequest(
         job_id=job_id,
         vm_name=values["vm_name"] or "",
@@ -272,6 +226,20 @@ def parse_progress_update(
     )
 
 
+def _thumbprint(body: Mapping[str, Any]) -> Optional[str]:
+    """``vcenter_thumbprint``, normalised (:func:`sna.contract.tls.normalise_thumbprint`)."""
+    text = _optional(body, "vcenter_thumbprint")
+    if text is None:
+        return None
+    try:
+        return normalise_thumbprint(text)
+    except InvalidThumbprint:
+        raise invalid(
+            "vcenter_thumbprint",
+            "vcenter_thumbprint must be a SHA-1 or SHA-256 hex digest (colons optional)",
+        ) from None
+
+
 def _optional(body: Mapping[str, Any], field: str) -> Optional[str]:
     value = _string(body, field, False)
     return value.strip() or None if value is not None else None
@@ -289,11 +257,9 @@ def credentials(
     password = _string(values, password_field, True) or ""
     try:
         host, port = parse_address(host_text, host_field)
-        thumbprint = _optional(values, "vcenter_thumbprint")
-        if thumbprint is not None:
-            thumbprint = normalise_thumbprint(thumbprint)
     except InvalidVSphereRequest as e:
         raise invalid(e.field, e.message) from None
+    thumbprint = _thumbprint(values)
     return Credentials(host=host, port=port, user=user, password=password, thumbprint=thumbprint)
 
 

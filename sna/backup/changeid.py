@@ -18,8 +18,9 @@ from typing import Optional
 
 import attrs
 
-#: The text sna stores and sends: printable, bounded (as in docs/sbc-events.md).
-MAX_CHANGE_ID = 256
+from sna.contract import events as contract
+
+MAX_CHANGE_ID = contract.MAX_CHANGE_ID
 _HEX = re.compile(r"[0-9a-fA-F]{32}")
 
 

@@ -36,10 +36,10 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from sna import standby
 from sna.backup.events import EventWriter, mask
 from sna.backup.job import BackupJob
 from sna.backup.options import PASSWORD_ENV, JobOptions, UsageError, parse_args
+from sna.contract import standby
 
 EXIT_USAGE = 2
 
@@ -123,7 +123,7 @@ def _is_standby(args: Sequence[str]) -> bool:
 
 
 def _standby() -> Optional[tuple[list[str], dict[str, str]]]:
-    """Wait, fully imported, for the daemon's job on stdin (:mod:`sna.standby`).
+    """Wait, fully imported, for the daemon's job on stdin (:mod:`sna.contract.standby`).
 
     Returns the job's argv and added environment, or ``None`` at end of file
     (the spare was not needed).  Until a job arrives SIGINT ends the process

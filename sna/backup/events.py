@@ -20,10 +20,11 @@ from typing import IO, Any, Optional, Union
 
 from twisted.logger import Logger
 
+from sna.contract import events as contract
+
 log = Logger()
 
-#: Text fields are cut to this (sna keeps no more, docs/sbc-events.md).
-MAX_TEXT = 4096
+MAX_TEXT = contract.MAX_TEXT
 MASK = "********"
 
 Value = Union[str, int, float, bool, None]
@@ -104,7 +105,7 @@ class EventWriter:
     # -- the event kinds of docs/sbc-events.md --------------------------------
 
     def phase(self, phase: str, message: str) -> None:
-        self.emit("phase", phase=phase, message=message)
+        self.emit(contract.PHASE, phase=phase, message=message)
 
     def disk_plan(
         self, disk_key: str, sync_type: str, sync_reason: str, bytes_total: int, **extra: Value
@@ -114,7 +115,7 @@ class EventWriter:
             raise RuntimeError(f"disk_plan for disk {disk_key} after its plan or start")
         self._planned.add(disk_key)
         self.emit(
-            "disk_plan",
+            contract.DISK_PLAN,
             disk_key=disk_key,
             sync_type=sync_type,
             sync_reason=sync_reason,
@@ -129,7 +130,7 @@ class EventWriter:
             raise RuntimeError(f"disk_start for disk {disk_key} was already sent")
         self._started.add(disk_key)
         self.emit(
-            "disk_start",
+            contract.DISK_START,
             disk_key=disk_key,
             sync_type=sync_type,
             sync_reason=sync_reason,
@@ -143,7 +144,7 @@ class EventWriter:
         if disk_key not in self._started or disk_key in self._finished:
             return
         self.emit(
-            "progress",
+            contract.PROGRESS,
             disk_key=disk_key,
             bytes_done=bytes_done,
             bytes_total=bytes_total,
@@ -154,11 +155,11 @@ class EventWriter:
         if disk_key not in self._started or disk_key in self._finished:
             raise RuntimeError(f"disk_done for disk {disk_key} out of order")
         self._finished.add(disk_key)
-        self.emit("disk_done", disk_key=disk_key, change_id=change_id, **extra)
+        self.emit(contract.DISK_DONE, disk_key=disk_key, change_id=change_id, **extra)
 
     def error(self, message: str, disk_key: Optional[str] = None, **extra: Value) -> None:
-        self.emit("error", message=message or "unknown error", disk_key=disk_key, **extra)
+        self.emit(contract.ERROR, message=message or "unknown error", disk_key=disk_key, **extra)
 
     def done(self, message: str, **extra: Value) -> None:
-        self.emit("done", message=message, **extra)
+        self.emit(contract.DONE, message=message, **extra)
         self._done = True

@@ -47,7 +47,7 @@ from sna.backup.copier import CopyError, DiskCopy, DiskStats
 from sna.backup.events import EventWriter
 from sna.backup.extents import Area, PagingError, page_changed_areas, plan, total
 from sna.backup.nbdkit import NbdkitError, VddkServers
-from sna.backup.options import PASSWORD_ENV, JobOptions, NbdAddress, Target
+from sna.backup.options import PASSWORD_ENV, JobOptions, NbdAddress
 from sna.backup.readers import (
     FolderReader,
     IDiskReader,
@@ -55,8 +55,11 @@ from sna.backup.readers import (
     ReaderError,
     connect_address,
 )
-from sna.backup.vsphere import Session, SnapshotDisk, VSphereError, describe_fault, moref
+from sna.backup.vsphere import Session, SnapshotDisk, moref
 from sna.contract.disks import map_disks, sha_keys
+from sna.contract.targets import NbdTarget
+from sna.contract.tls import ssl_context
+from sna.contract.vcenter import VSphereError, fault_text
 from sna.nbd.client import NBDClient
 from sna.nbd.errors import NBDError
 
@@ -104,7 +107,7 @@ class DiskRun:
     """What the job knows about one disk during the run."""
 
     disk: SnapshotDisk
-    target: Target
+    target: NbdTarget
     change_id: ChangeId
     client: Optional[NBDClient] = None
     reader: Optional[IDiskReader] = None
@@ -176,7 +179,7 @@ def decide(
     return Decision("incremental", f"changes since {base.text}", base)
 
 
-def map_targets(disks: list[SnapshotDisk], targets: tuple[Target, ...]) -> dict[str, Target]:
+def map_targets(disks: list[SnapshotDisk], targets: tuple[NbdTarget, ...]) -> dict[str, NbdTarget]:
     """Disk key -> target; anything unmatched on either side is a :class:`JobError`.
 
     Targets keyed by the VM's device keys map exactly; targets keyed the
@@ -360,7 +363,7 @@ class BackupJob:
                     key=disk.key,
                     label=disk.label,
                     target=target.disk_key,
-                    address=target.address.describe(),
+                    address=target.describe(),
                 )
             change_id = try_parse(disk.change_id)
             if change_id is None:
@@ -416,7 +419,7 @@ class BackupJob:
                 return CopyPlan(decision, await self._areas(run, decision.base.text))
             except vmodl.MethodFault as e:
                 decision = Decision(
-                    "full", f"the previous change ID was rejected by vCenter: {describe_fault(e)}"
+                    "full", f"the previous change ID was rejected by vCenter: {fault_text(e)}"
                 )
         try:
             return CopyPlan(decision, await self._areas(run, "*"))
@@ -425,7 +428,7 @@ class BackupJob:
             log.warn(
                 "{disk}: QueryChangedDiskAreas('*') failed ({fault}): copying the whole disk",
                 disk=run.name,
-                fault=describe_fault(e),
+                fault=fault_text(e),
             )
             return CopyPlan(
                 attrs.evolve(
@@ -462,7 +465,8 @@ class BackupJob:
 
     async def _connect_target(self, run: DiskRun) -> None:
         options = self._options
-        address = run.target.address
+        target = run.target
+        address = NbdAddress(export=target.export, host=target.host, port=target.port)
         where = f"{run.name}: target {address.describe()}"
         try:
             client = await connect_address(
@@ -525,7 +529,7 @@ class BackupJob:
         if options.reader == "folder":
             cookie = await self._call(session.session_cookie)
             datacenter = await self._call(session.datacenter_path, self._vm)
-            context = tls.ssl_context(options.tls)
+            context = ssl_context(options.tls)
 
             def folder_reader(run: DiskRun) -> IDiskReader:
                 return FolderReader(
@@ -602,7 +606,7 @@ class BackupJob:
         stats = DiskStats(bytes_total=total(areas))
         if decision.sync_type == "full" and not zero_gaps:
             stats.bytes_skipped = disk.capacity - stats.bytes_total
-        target_name = f"target {run.target.address.describe()}"
+        target_name = f"target {run.target.describe()}"
         log.info(
             "{disk} ({label}, {capacity} bytes): {sync} ({reason}); {areas} areas, "
             "{total} bytes from {source} to {target}",
@@ -698,7 +702,7 @@ class BackupJob:
             self.cancel(
                 f"{run.name}: no progress for {self._options.stall_timeout:g} s "
                 f"(source {run.reader.description if run.reader else '?'}, "
-                f"target {run.target.address.describe()})"
+                f"target {run.target.describe()})"
             )
 
     def _keep_session(self) -> None:
@@ -728,7 +732,7 @@ class BackupJob:
         if isinstance(error, (JobError, CopyError, VSphereError, ReaderError, PagingError)):
             message = str(error)
         elif isinstance(error, vmodl.MethodFault):
-            message = f"vCenter: {describe_fault(error)}"
+            message = f"vCenter: {fault_text(error)}"
         else:
             log.failure("unexpected error", None)
             message = f"internal error: {type(error).__name__}: {error}"
@@ -773,7 +777,7 @@ class BackupJob:
             options.port,
             options.user,
             options.password,
-            tls.ssl_context(options.tls),
+            ssl_context(options.tls),
             options.io_timeout,
         )
 

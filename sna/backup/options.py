@@ -13,7 +13,6 @@ Nothing here does I/O beyond reading the mapping it is given as environment.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -21,12 +20,14 @@ from typing import Any, NoReturn, Optional
 
 import attrs
 
-from sna.backup.tls import TlsSettings, normalise_thumbprint
+from sna.contract import argv as cli
 from sna.contract import ids
+from sna.contract import targets as targets_grammar
+from sna.contract.targets import NbdTarget
+from sna.contract.tls import TlsSettings
+from sna.contract.vcenter import InvalidAddress, parse_address
 
-PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
-JOB_ID_ENV = "MIGRATEKIT_JOB_ID"
-DEFAULT_VCENTER_PORT = 443
+PASSWORD_ENV = cli.PASSWORD_ENV
 #: The Go client's default port for ``--nbd-targets`` URLs without one.
 DEFAULT_NBD_PORT = 10809
 MiB = 1 << 20
@@ -51,14 +52,6 @@ class NbdAddress:
 
 
 @attrs.frozen
-class Target:
-    """One entry of ``--nbd-targets``: the VMware disk key and its NBD export."""
-
-    disk_key: str
-    address: NbdAddress
-
-
-@attrs.frozen
 class JobOptions:
     host: str
     port: int
@@ -66,7 +59,7 @@ class JobOptions:
     password: str = attrs.field(repr=False)
     vm_path: str
     job_id: str
-    targets: tuple[Target, ...]
+    targets: tuple[NbdTarget, ...]
     #: None: the Go client's behaviour (incremental wherever a usable previous ID exists).
     backup_type: Optional[str] = None
     previous_change_id: Optional[str] = None
@@ -153,17 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(JSON-line events on stdout, logs on stderr).",
         allow_abbrev=False,
     )
-    p.add_argument("command", choices=["migrate"], help="the only command: run one backup")
-    # The Go client's flags.
-    p.add_argument("--vmware-endpoint", required=True, help="vCenter: host, host:port or URL")
-    p.add_argument("--vmware-username", required=True)
-    p.add_argument(
-        "--vmware-password",
-        help=f"ignored when {PASSWORD_ENV} is set (argv is visible to every user)",
-    )
-    p.add_argument("--vmware-path", required=True, help="the VM's inventory path, /DC/vm/name")
-    p.add_argument("--nbd-targets", default="", help="{disk_key}:nbd://host:port/export,...")
-    p.add_argument("--job-id", default="", help=f"the job (default: ${JOB_ID_ENV})")
+    p.add_argument("command", choices=[cli.COMMAND], help="the only command: run one backup")
+    # What the daemon writes (sna.contract.argv): the Go client's flags, then sna's own.
+    cli.add_arguments(p)
+    # The Go client's other flags.
     p.add_argument("--nbd-host", default="127.0.0.1", help="single-disk mode only")
     p.add_argument("--nbd-port", type=int, default=10808, help="single-disk mode only")
     p.add_argument("--nbd-export-name", default="migration", help="single-disk mode only")
@@ -194,18 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(ignored, help=argparse.SUPPRESS)
     for ignored_flag in ("--vz-unsafe-volume-by-name", "--enable-qemu-guest-agent", "--run-v2v"):
         p.add_argument(ignored_flag, nargs="?", const="true", help=argparse.SUPPRESS)
-    # sna's own.
-    p.add_argument("--backup-type", choices=["full", "incremental"])
-    p.add_argument("--previous-change-id", help="the base of an incremental, for every disk")
-    p.add_argument(
-        "--previous-change-ids",
-        help='JSON object by target key, e.g. {"2000": "52 .../7"}; wins over --previous-change-id',
-    )
-    p.add_argument(
-        "--previous-capacities",
-        help='JSON object by target key, e.g. {"2000": 268435456}: each disk\'s capacity '
-        "when its previous change ID was taken (a resized disk is copied in full)",
-    )
+    # The client's own.
     p.add_argument(
         "--reader",
         choices=["folder", "nbd", "vddk"],
@@ -228,9 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --reader nbd: the source of disk KEY, nbd+unix:///export?socket=PATH "
         "or nbd://host:port/export (repeat per disk)",
     )
-    p.add_argument("--vcenter-thumbprint", help="pin vCenter's certificate (SHA-1 or SHA-256)")
-    p.add_argument("--vcenter-ca-file", help="trust these CA certificates (PEM) for vCenter")
-    p.add_argument("--insecure", action="store_true", help="do not verify vCenter's certificate")
     p.add_argument(
         "--target-zero",
         choices=["auto", "yes", "no"],
@@ -247,31 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or ``https://host[:port]/sdk``."""
-    value = text.strip()
-    if "://" in value:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme != "https" or parts.path not in ("", "/", "/sdk", "/sdk/"):
-            raise UsageError(f"--vmware-endpoint {text!r}: use host[:port] or https://host/sdk")
-    else:
-        parts = urllib.parse.urlsplit("//" + value)
-        if parts.path or parts.query or parts.fragment:
-            raise UsageError(f"--vmware-endpoint {text!r}: use host[:port]")
+    """``--vmware-endpoint`` as the daemon's ``vcenter_host`` reads (:mod:`sna.contract.vcenter`)."""
     try:
-        port = parts.port or DEFAULT_VCENTER_PORT
-    except ValueError:
-        raise UsageError(f"--vmware-endpoint {text!r}: invalid port") from None
-    host = parts.hostname or ""
-    if not host or parts.username or any(c.isspace() for c in host):
-        raise UsageError(f"--vmware-endpoint {text!r}: no valid host")
-    return host, port
+        return parse_address(text, "--vmware-endpoint")
+    except InvalidAddress as e:
+        raise UsageError(str(e)) from None
 
 
 def _disk_key(text: str, where: str) -> str:
-    key = text.strip()
-    if not key.isascii() or not key.isdigit() or len(key) > 9:
-        raise UsageError(f"{where}: disk key {key!r} is not a VMware device key like 2000")
-    return str(int(key))
+    key = targets_grammar.parse_disk_key(text)
+    if key is None:
+        raise UsageError(f"{where}: disk key {text.strip()!r} is not a VMware device key like 2000")
+    return key
 
 
 def parse_nbd_url(url: str, where: str) -> NbdAddress:
@@ -295,83 +254,26 @@ def parse_nbd_url(url: str, where: str) -> NbdAddress:
     raise UsageError(f"{where}: {url!r} is not an nbd:// or nbd+unix:// URL")
 
 
-def parse_targets(text: str) -> tuple[Target, ...]:
-    """``--nbd-targets``: ``{key}:nbd://host:port/export`` entries, comma-separated."""
-    targets: list[Target] = []
-    seen: set[str] = set()
-    for number, entry in enumerate(text.split(","), 1):
-        entry = entry.strip()
-        where = f"--nbd-targets entry {number}"
-        if not entry:
-            raise UsageError(f"{where} is empty; the format is {{disk_key}}:nbd://host:port/export")
-        key, sep, url = entry.partition(":")
-        if not sep or not url.startswith("nbd://"):
-            raise UsageError(
-                f"{where} ({entry!r}) must look like {{disk_key}}:nbd://host:port/export"
-            )
-        disk_key = _disk_key(key, where)
-        if disk_key in seen:
-            raise UsageError(f"{where}: disk key {disk_key} is mapped twice")
-        seen.add(disk_key)
-        targets.append(Target(disk_key, parse_nbd_url(url, where)))
-    return tuple(targets)
-
-
-def _by_target_key(text: Optional[str], option: str) -> dict[str, object]:
-    """A JSON object by target key (``{"2000": …}``); null values left out."""
-    if text is None or not text.strip():
-        return {}
+def parse_targets(text: str) -> tuple[NbdTarget, ...]:
+    """``--nbd-targets``, by the daemon's grammar (:mod:`sna.contract.targets`), with the
+    Go client's defaults for a URL without a host or a port."""
     try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"{option} is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{option} must be a JSON object by target key")
-    return {_disk_key(str(key), option): v for key, v in value.items() if v is not None}
-
-
-def _previous_ids(text: Optional[str]) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for key, change_id in _by_target_key(text, "--previous-change-ids").items():
-        if not isinstance(change_id, str):
-            raise UsageError(f"--previous-change-ids: the value for {key} is not a string")
-        result[key] = change_id
-    return result
-
-
-def _previous_capacities(text: Optional[str]) -> dict[str, int]:
-    result: dict[str, int] = {}
-    for key, capacity in _by_target_key(text, "--previous-capacities").items():
-        if type(capacity) is not int or capacity <= 0:
-            raise UsageError(f"--previous-capacities: the value for {key} is not a size")
-        result[key] = capacity
-    return result
+        return targets_grammar.parse_targets(text, lenient=True)
+    except targets_grammar.TargetError as e:
+        raise UsageError(f"--nbd-targets {e}") from None
 
 
 def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
     args = build_parser().parse_args(list(argv))
-    host, port = parse_endpoint(args.vmware_endpoint)
-    password = environ.get(PASSWORD_ENV) or args.vmware_password
-    if not password:
-        raise UsageError(f"no vCenter password: set {PASSWORD_ENV}")
-    # Byte for byte, as the daemon and the SHA have it: never stripped.
-    job_id = args.job_id or environ.get(JOB_ID_ENV, "")
-    if not job_id:
-        raise UsageError(f"no job id: pass --job-id or set {JOB_ID_ENV}")
     try:
-        ids.check_job_id(job_id)
-    except ids.InvalidJobId as e:
-        raise UsageError(f"--job-id: {e}") from None
-    if args.nbd_targets.strip():
-        targets = parse_targets(args.nbd_targets)
-    else:
+        job = cli.read(args, environ)
+    except cli.ArgumentError as e:
+        raise UsageError(str(e)) from None
+    host, port = parse_endpoint(job.endpoint)
+    targets = job.targets or (
         # The Go client's single-disk mode: the one disk of the VM (checked later).
-        targets = (
-            Target(
-                "",
-                NbdAddress(export=args.nbd_export_name, host=args.nbd_host, port=args.nbd_port),
-            ),
-        )
+        NbdTarget("", args.nbd_host, args.nbd_port, args.nbd_export_name),
+    )
     reader_nbd: dict[str, NbdAddress] = {}
     for item in args.reader_nbd_url:
         key, sep, url = item.partition("=")
@@ -385,39 +287,30 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
         raise UsageError("--reader nbd needs a --reader-nbd-url KEY=URL per disk")
     if args.reader == "vddk" and not args.vddk_libdir:
         raise UsageError("--reader vddk needs --vddk-libdir (the VDDK library directory)")
-    # Several may come together (the daemon adds its own --insecure or CA file to a
-    # request's pin): the most specific wins, thumbprint, then --insecure, then CAs.
-    thumbprint = None
-    if args.vcenter_thumbprint:
-        try:
-            thumbprint = normalise_thumbprint(args.vcenter_thumbprint)
-        except ValueError as e:
-            raise UsageError(f"--vcenter-thumbprint: {e}") from None
     if int(args.chunk_size) % 4096:
         # Cuts fall at multiples of it: keep every request aligned to any target's blocks.
         raise UsageError("--chunk-size must be a multiple of 4096")
-    previous = (args.previous_change_id or "").strip() or None
     return JobOptions(
         host=host,
         port=port,
-        user=args.vmware_username,
-        password=password,
-        vm_path=args.vmware_path,
-        job_id=job_id,
+        user=job.user,
+        password=job.password,
+        vm_path=job.vm_path,
+        job_id=job.job_id,
         targets=targets,
-        backup_type=args.backup_type,
-        previous_change_id=previous,
-        previous_change_ids=_previous_ids(args.previous_change_ids),
-        previous_capacities=_previous_capacities(args.previous_capacities),
+        backup_type=job.backup_type,
+        previous_change_id=job.previous_change_id,
+        previous_change_ids=dict(job.previous_change_ids),
+        previous_capacities=dict(job.previous_capacities),
         reader=args.reader,
         reader_nbd=reader_nbd,
         vddk_libdir=args.vddk_libdir,
         nbdkit=args.nbdkit,
         vddk_transports=args.vddk_transports,
         compression=args.compression_method,
-        tls=TlsSettings(
-            thumbprint=thumbprint, ca_file=args.vcenter_ca_file, insecure=args.insecure
-        ),
+        # Several may come together (the daemon adds its own --insecure or CA file to a
+        # request's pin): the most specific wins, thumbprint, then --insecure, then CAs.
+        tls=TlsSettings(thumbprint=job.thumbprint, ca_file=job.ca_file, insecure=job.insecure),
         quiesce=bool(args.quiesce_snapshot),
         target_zero=args.target_zero,
         chunk_size=int(args.chunk_size),
@@ -426,5 +319,5 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
         io_timeout=float(args.io_timeout),
         stall_timeout=float(args.stall_timeout),
         debug=bool(args.debug),
-        password_from_argv=not environ.get(PASSWORD_ENV),
+        password_from_argv=not environ.get(cli.PASSWORD_ENV),
     )

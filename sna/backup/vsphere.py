@@ -25,31 +25,11 @@ from pyVmomi import vim, vmodl
 from twisted.logger import Logger
 
 from sna.backup.extents import Area, ChangeWindow
+from sna.contract.vcenter import NotFound, VSphereError, fault_text, walk_snapshots
 
 log = Logger()
 
 _DATASTORE_PATH = re.compile(r"^\[(?P<datastore>[^\]]+)\]\s*(?P<path>.+)$")
-
-
-class VSphereError(Exception):
-    """A vCenter call failed; the message is for operators."""
-
-
-class NotFound(VSphereError):
-    pass
-
-
-def describe_fault(error: BaseException) -> str:
-    """vSphere's words for a fault: its type and message, never a stack dump."""
-    if isinstance(error, vim.fault.InvalidLogin):
-        return "vCenter rejected the user name or password (InvalidLogin)"
-    if isinstance(error, vmodl.MethodFault):
-        name = type(error).__name__
-        message = getattr(error, "msg", "") or ""
-        prop = getattr(error, "invalidProperty", None)
-        detail = f" (invalid property {prop})" if prop else ""
-        return f"{name}: {message}{detail}".rstrip(": ")
-    return f"{type(error).__name__}: {error}"
 
 
 @attrs.frozen
@@ -90,14 +70,6 @@ def _disk_from_device(device: Any) -> SnapshotDisk:
     )
 
 
-def _walk_snapshots(trees: Any) -> list[Any]:
-    found: list[Any] = []
-    for tree in trees or []:
-        found.append(tree)
-        found.extend(_walk_snapshots(tree.childSnapshotList))
-    return found
-
-
 def moref(managed_object: Any) -> str:
     """``vm-123``, ``snapshot-456``: the id nbdkit-vddk's ``vm=moref=`` and ``snapshot=`` want."""
     return str(managed_object._moId)
@@ -131,7 +103,7 @@ class Session:
                 httpConnectionTimeout=timeout,
             )
         except vmodl.MethodFault as e:
-            raise VSphereError(f"cannot log in to {where}: {describe_fault(e)}") from None
+            raise VSphereError(f"cannot log in to {where}: {fault_text(e)}") from None
         except ssl.SSLError as e:
             raise VSphereError(f"TLS with {where} failed: {e}") from None
         except OSError as e:
@@ -166,7 +138,7 @@ class Session:
         try:
             vm = self._si.content.searchIndex.FindByInventoryPath(path)
         except vmodl.MethodFault as e:
-            raise VSphereError(f"looking up VM {path!r} failed: {describe_fault(e)}") from None
+            raise VSphereError(f"looking up VM {path!r} failed: {fault_text(e)}") from None
         if vm is None or not isinstance(vm, vim.VirtualMachine):
             raise NotFound(f"no VM at inventory path {path!r} on {self.where}")
         return vm
@@ -190,11 +162,11 @@ class Session:
 
     def snapshot_names(self, vm: Any) -> list[str]:
         info = vm.snapshot
-        return [tree.name for tree in _walk_snapshots(info.rootSnapshotList if info else [])]
+        return [tree.name for tree in walk_snapshots(info.rootSnapshotList if info else [])]
 
     def snapshots_named(self, vm: Any, name: str) -> list[Any]:
         info = vm.snapshot
-        trees = _walk_snapshots(info.rootSnapshotList if info else [])
+        trees = walk_snapshots(info.rootSnapshotList if info else [])
         return [tree.snapshot for tree in trees if tree.name == name]
 
     def enable_cbt(self, vm: Any) -> None:
@@ -235,4 +207,4 @@ class Session:
         try:
             WaitForTask(task)  # type: ignore[no-untyped-call]
         except vmodl.MethodFault as e:
-            raise VSphereError(f"{what} failed: {describe_fault(e)}") from None
+            raise VSphereError(f"{what} failed: {fault_text(e)}") from None

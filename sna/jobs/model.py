@@ -9,7 +9,6 @@ datetimes.  No secret is ever part of a :class:`Job`.
 from __future__ import annotations
 
 import enum
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from typing import Any, Optional
 import attrs
 
 from sna.contract.disks import disk_indexes
+from sna.contract.targets import NbdTarget, format_targets
 from sna.sbc import events
 
 
@@ -34,26 +34,6 @@ class JobStatus(enum.Enum):
 
 class InvalidTransition(Exception):
     """A job was asked to move to a status its current one cannot lead to."""
-
-
-@attrs.frozen
-class NbdTarget:
-    """Where one VMware disk is written: ``{disk_key}:nbd://{host}:{port}/{export}``."""
-
-    disk_key: str
-    host: str
-    port: int
-    export: str
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        # Quoted: an export name may hold a comma, which separates --nbd-targets entries.
-        return f"nbd://{host}:{self.port}/{urllib.parse.quote(self.export, safe='')}"
-
-    @property
-    def spec(self) -> str:
-        return f"{self.disk_key}:{self.url}"
 
 
 @attrs.frozen
@@ -94,7 +74,7 @@ class BackupRequest:
 
     @property
     def nbd_targets(self) -> str:
-        return ",".join(t.spec for t in self.targets)
+        return format_targets(self.targets)
 
 
 @attrs.frozen

@@ -20,22 +20,16 @@ from typing import NoReturn, Optional
 
 from zope.interface import Interface, implementer
 
+from sna.contract import events as contract
 from sna.sbc import events
 from sna.sbc.events import Event
 
-#: Largest byte count accepted: the int64 that the store and the Go client use.
-MAX_COUNT = 2**63 - 1
-
-#: Longest message kept in an event; the raw line is in the job log anyway.
-MAX_TEXT = 4096
-
-#: Longest change ID accepted; VMware's are about 60 characters.
-MAX_CHANGE_ID = 256
-
-SYNC_TYPES = frozenset({"full", "incremental"})
-
-_DISK_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_PHASE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_COUNT = contract.MAX_COUNT
+MAX_TEXT = contract.MAX_TEXT
+MAX_CHANGE_ID = contract.MAX_CHANGE_ID
+SYNC_TYPES = contract.SYNC_TYPES
+_DISK_KEY = contract.DISK_KEY
+_PHASE = contract.PHASE_NAME
 # C0 and C1 controls, DEL, and lone surrogates (which cannot be encoded as
 # UTF-8): none of them may reach a log line, the store or an API response.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -213,13 +207,13 @@ def _done_event(obj: Mapping[str, object]) -> Event:
 
 
 _JSON_EVENTS: Mapping[str, Callable[[Mapping[str, object]], Event]] = {
-    "phase": _phase_event,
-    "disk_plan": _disk_plan_event,
-    "disk_start": _disk_start_event,
-    "progress": _progress_event,
-    "disk_done": _disk_done_event,
-    "error": _error_event,
-    "done": _done_event,
+    contract.PHASE: _phase_event,
+    contract.DISK_PLAN: _disk_plan_event,
+    contract.DISK_START: _disk_start_event,
+    contract.PROGRESS: _progress_event,
+    contract.DISK_DONE: _disk_done_event,
+    contract.ERROR: _error_event,
+    contract.DONE: _done_event,
 }
 
 

@@ -10,7 +10,6 @@ stops a child procmon-style: TERM, then KILL after a grace period.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -36,16 +35,14 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
-from sna import standby
 from sna.contract import argv as cli
-from sna.contract import ids
+from sna.contract import ids, standby
 from sna.jobs.model import BackupRequest
 from sna.sbc import events
 from sna.sbc.parse import ILineParser, parser_for
 from sna.sbc.spare import SparePool
 
-#: Environment variable that carries the vCenter password to our client.
-PASSWORD_ENV = "SNA_VCENTER_PASSWORD"
+PASSWORD_ENV = cli.PASSWORD_ENV
 
 #: Variables of the daemon's own environment a client may need; nothing else is passed.
 PASSED_ENV = (
@@ -128,46 +125,27 @@ class ClientCommand:
             raise ClientUnavailable(f"backup client {program!r} was not found on PATH")
         return os.path.abspath(found)
 
-    def arguments(self, request: BackupRequest) -> list[str]:
-        """argv after the program: the Go client's ``migrate`` command line.
+    def job(self, request: BackupRequest) -> cli.JobArguments:
+        """What the client is told of ``request`` (and of this daemon's vCenter TLS)."""
+        return cli.JobArguments(
+            endpoint=request.vcenter_host,
+            user=request.vcenter_user,
+            password=request.vcenter_password,
+            vm_path=request.vm_path,
+            targets=request.targets,
+            job_id=request.job_id,
+            backup_type=request.backup_type,
+            previous_change_id=request.previous_change_id,
+            previous_change_ids=request.previous_change_ids,
+            previous_capacities=request.previous_capacities,
+            thumbprint=request.vcenter_thumbprint,
+            ca_file=self.ca_file,
+            insecure=self.insecure,
+        )
 
-        Each value is one ``--flag=value`` word (:mod:`sna.contract.argv`).
-        """
-        values = [
-            ("--vmware-endpoint", request.vcenter_host),
-            ("--vmware-username", request.vcenter_user),
-        ]
-        if self.legacy:
-            # The Go client reads the password nowhere else; only it gets it on argv.
-            values.append(("--vmware-password", request.vcenter_password))
-        values += [
-            ("--vmware-path", request.vm_path),
-            ("--nbd-targets", request.nbd_targets),
-            ("--job-id", request.job_id),
-        ]
-        flags: list[str] = []
-        if not self.legacy:
-            values.append(("--backup-type", request.backup_type))
-            if request.previous_change_id:
-                values.append(("--previous-change-id", request.previous_change_id))
-            if request.previous_change_ids:
-                by_disk = json.dumps(dict(request.previous_change_ids), separators=(",", ":"))
-                values.append(("--previous-change-ids", by_disk))
-            if request.previous_capacities:
-                sizes = json.dumps(dict(request.previous_capacities), separators=(",", ":"))
-                values.append(("--previous-capacities", sizes))
-            if request.vcenter_thumbprint:
-                values.append(("--vcenter-thumbprint", request.vcenter_thumbprint))
-            if self.insecure:
-                flags.append("--insecure")
-            if self.ca_file:
-                values.append(("--vcenter-ca-file", self.ca_file))
-        return [
-            *self.argv[1:],
-            "migrate",
-            *(cli.option(name, value) for name, value in values),
-            *flags,
-        ]
+    def arguments(self, request: BackupRequest) -> list[str]:
+        """argv after the program: the ``--sbc`` words, then :func:`sna.contract.argv.build`."""
+        return [*self.argv[1:], *cli.build(self.job(request), self.legacy)]
 
     @staticmethod
     def base_environment(base: Mapping[str, str]) -> dict[str, str]:
@@ -178,12 +156,7 @@ class ClientCommand:
 
     def environment(self, request: BackupRequest, base: Mapping[str, str]) -> dict[str, str]:
         env = self.base_environment(base)
-        env["MIGRATEKIT_JOB_ID"] = request.job_id
-        if self.legacy:
-            if request.previous_change_id:
-                env["MIGRATEKIT_PREVIOUS_CHANGE_ID"] = request.previous_change_id
-        else:
-            env[PASSWORD_ENV] = request.vcenter_password
+        env.update(cli.environment(self.job(request), self.legacy))
         return env
 
 

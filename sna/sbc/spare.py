@@ -1,6 +1,6 @@
 """Spare backup clients: started before any job, so a job does not wait for Python's imports.
 
-A spare is our client run as ``standby --spare-id ID`` (:mod:`sna.standby`).
+A spare is our client run as ``standby --spare-id ID`` (:mod:`sna.contract.standby`).
 :class:`SparePool` is a service that keeps ``size`` of them: it starts them,
 notices when one is ready (its first stdout line), hands a ready one to the
 launcher for a job and starts a replacement.  A spare that is never used is
@@ -35,7 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sna import standby
+from sna.contract import standby
 
 #: An unused spare is replaced after this many seconds.
 MAX_AGE = 3600.0

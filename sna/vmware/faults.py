@@ -11,14 +11,15 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
-from typing import Any
 from xml.parsers.expat import ExpatError
 
 from pyVmomi import vim, vmodl
 
+from sna.contract.tls import CertificateMismatch
+from sna.contract.vcenter import fault_text
 from sna.vmware.interface import (
     AuthenticationFailed,
-    CertificateMismatch,
+    CertificateRejected,
     Conflict,
     Credentials,
     NotFound,
@@ -29,35 +30,8 @@ from sna.vmware.interface import (
 )
 
 
-class ThumbprintMismatch(ssl.SSLCertVerificationError):
-    """The server's certificate is not the one the request pinned."""
-
-    def __init__(self, expected: str, actual: str) -> None:
-        self.message = f"certificate thumbprint {actual} does not match the pinned {expected}"
-        super().__init__(self.message)
-        self.expected = expected
-        self.actual = actual
-
-    def __str__(self) -> str:
-        return self.message
-
-
 class NotVSphere(Exception):
     """The address answers HTTPS but does not serve the vSphere SOAP API."""
-
-
-def fault_message(fault: Any) -> str:
-    """The most helpful text a vSphere fault carries, or its type name."""
-    for attribute in ("msg", "localizedMessage"):
-        text = getattr(fault, attribute, None)
-        if text:
-            return str(text)
-    for message in getattr(fault, "faultMessage", None) or ():
-        text = getattr(message, "message", None)
-        if text:
-            return str(text)
-    name: str = type(fault).__name__
-    return name
 
 
 def is_not_authenticated(error: BaseException) -> bool:
@@ -87,28 +61,28 @@ def translate(error: BaseException, credentials: Credentials, what: str) -> Base
         return error
     if isinstance(error, vim.fault.InvalidLogin):
         return AuthenticationFailed(
-            f"vCenter {where} refused the login of {credentials.user}: {fault_message(error)}"
+            f"vCenter {where} refused the login of {credentials.user}: {fault_text(error)}"
         )
     # NotAuthenticated is a kind of NoPermission, so it goes first.
     if isinstance(error, vim.fault.NotAuthenticated):
         return AuthenticationFailed(
             f"vCenter {where} does not accept the session of {credentials.user} "
-            f"({fault_message(error)})"
+            f"({fault_text(error)})"
         )
     if isinstance(error, vim.fault.NoPermission):
         privilege = getattr(error, "privilegeId", None) or "a privilege"
-        return PermissionDenied(f"{who} lacks {privilege} for {what}: {fault_message(error)}")
+        return PermissionDenied(f"{who} lacks {privilege} for {what}: {fault_text(error)}")
     if isinstance(error, vmodl.fault.ManagedObjectNotFound):
         return NotFound(f"{what}: the object is no longer in vCenter {where}")
     if isinstance(error, _CONFLICTS):
-        return Conflict(f"{what}: {fault_message(error)}")
+        return Conflict(f"{what}: {fault_text(error)}")
     if isinstance(error, vmodl.MethodFault):
-        return VSphereError(f"{what} failed on vCenter {where}: {fault_message(error)}")
-    if isinstance(error, ThumbprintMismatch):
-        return CertificateMismatch(f"vCenter {where}: {error}")
+        return VSphereError(f"{what} failed on vCenter {where}: {fault_text(error)}")
+    if isinstance(error, CertificateMismatch):
+        return CertificateRejected(f"vCenter {where}: {error}")
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = getattr(error, "verify_message", None) or str(error)
-        return CertificateMismatch(
+        return CertificateRejected(
             f"vCenter {where} presented a certificate that is not trusted ({reason}); "
             "pin it with vcenter_thumbprint, or trust its CA"
         )

@@ -41,8 +41,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from sna.vmware.faults import NotVSphere, ThumbprintMismatch, is_not_authenticated, translate
-from sna.vmware.interface import Credentials, TimedOut, VSphereError, normalise_thumbprint
+from sna.contract.tls import TlsSettings, normalise_thumbprint, ssl_context
+from sna.vmware.faults import NotVSphere, is_not_authenticated, translate
+from sna.vmware.interface import Credentials, TimedOut, VSphereError
 
 T = TypeVar("T")
 
@@ -104,68 +105,6 @@ class _Session:
     @property
     def who(self) -> str:
         return self.connection.who
-
-
-# -- TLS ------------------------------------------------------------------------
-
-
-class _PinnedSocket(ssl.SSLSocket):
-    """Checks the peer certificate against the context's pin right after the handshake.
-
-    Every connection pyvmomi or we open with a pinned context goes through
-    here (``SSLContext.sslsocket_class``), so no byte of a request reaches a
-    server with another certificate, and there is no gap between a check and
-    the connection that is then used.
-    """
-
-    def do_handshake(self, block: bool = False) -> None:
-        super().do_handshake(block)
-        context = self.context
-        if isinstance(context, _PinnedContext):
-            context.check(self.getpeercert(binary_form=True) or b"")
-
-
-class _PinnedContext(ssl.SSLContext):
-    sslsocket_class = _PinnedSocket
-
-    def __init__(self, protocol: int, thumbprint: str) -> None:
-        self.thumbprint = thumbprint
-        digits = thumbprint.replace(":", "").lower()
-        self._algorithm = "sha1" if len(digits) == 40 else "sha256"
-        self._digest = bytes.fromhex(digits)
-
-    def check(self, der: bytes) -> None:
-        actual = hashlib.new(self._algorithm, der).digest()
-        if not hmac.compare_digest(actual, self._digest):
-            raise ThumbprintMismatch(self.thumbprint, normalise_thumbprint(actual.hex()))
-
-
-def tls_context(
-    thumbprint: Optional[str], insecure: bool = False, ca_file: Optional[str] = None
-) -> ssl.SSLContext:
-    """A fresh client context for one vCenter session.
-
-    Fresh each time: pyvmomi may mutate a context it was given, and a
-    context must never carry one request's pin to another.
-    """
-    if thumbprint is not None:
-        # The pin replaces CA verification: vCenters mostly have self-signed
-        # certificates, which is why people pin them.
-        pinned = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT, normalise_thumbprint(thumbprint))
-        pinned.check_hostname = False
-        pinned.verify_mode = ssl.CERT_NONE
-        pinned.minimum_version = ssl.TLSVersion.TLSv1_2
-        return pinned
-    if insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        # In addition to the system's CAs, as --vcenter-ca-file says.
-        context.load_verify_locations(cafile=ca_file)
-    return context
 
 
 # -- blocking work, on the thread pool ----------------------------------------------
@@ -418,7 +357,9 @@ class SessionPool:
 
         def login() -> Connection:
             # The context is made here too: loading the system CAs reads files.
-            context = tls_context(credentials.thumbprint, self._insecure, self._ca_file)
+            context = ssl_context(
+                TlsSettings(credentials.thumbprint, self._ca_file, self._insecure)
+            )
             return self.connect_session(credentials, context, self.call_timeout)
 
         inner = deferToThreadPool(self._reactor, self._pool, login)

@@ -18,7 +18,7 @@ Answers use the Go SNA's field names (``reference/upstream-contracts.md``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Optional, TypeVar
 
@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sna.contract import ids
+from sna.contract.vcenter import walk_snapshots
 from sna.vmware import specdiff
 from sna.vmware.faults import translate
 from sna.vmware.interface import (
@@ -95,16 +96,9 @@ POWER_PROPERTIES = (
 TASK_PROPERTIES = ("info.state", "info.error")
 
 
-def _snapshots(tree: Any) -> Iterator[Any]:
-    """Every snapshot of a ``SnapshotTree`` list, parents before children."""
-    for node in tree or ():
-        yield node
-        yield from _snapshots(node.childSnapshotList)
-
-
 def _snapshot_nodes(props: Properties) -> list[Any]:
     info = props.get("snapshot")
-    return list(_snapshots(info.rootSnapshotList if info is not None else None))
+    return list(walk_snapshots(info.rootSnapshotList if info is not None else None))
 
 
 def is_job_snapshot(name: str, job_id: Optional[str]) -> bool:

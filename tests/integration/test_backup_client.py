@@ -625,7 +625,7 @@ def test_vddk_reader_starts_nbdkit_per_disk(data: Testbed, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("tls", "env", "outcome"),
     [
-        (["--vcenter-thumbprint", ":".join(["AB"] * 20)], {}, "not the pinned one"),
+        (["--vcenter-thumbprint", ":".join(["AB"] * 20)], {}, "does not match the pinned"),
         ([], {}, "certificate verify failed"),  # the system CAs do not know the testbed's
         # What sna passes through: OpenSSL's default paths, for SOAP and /folder alike.
         ([], {"SSL_CERT_FILE": "{cert_file}"}, None),

@@ -19,12 +19,18 @@ leftover clients by ``job_ids``).
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
@@ -33,6 +39,7 @@ from tests.integration.backup_helpers import (
     BLOCK,
     CHANGE_ID,
     NBD_OVERHEAD,
+    SBC,
     KiB,
     MiB,
     assert_completed,
@@ -283,6 +290,65 @@ def test_sha_placeholder_incremental_falls_back_to_full(
         assert CHANGE_ID.match(disk["change_id"]), disk
         compare(tb, "e2esha", key, targets[key]["qcow2"])
     assert snapshots(tb, "e2esha") == []
+
+
+def test_a_ca_file_adds_to_the_system_s_cas_for_discover_and_backup_alike(
+    data: Testbed, daemon_factory: Callable[..., Daemon], job_ids: JobIds, tmp_path: Path
+) -> None:
+    """The simulator's certificate among the "system" CAs (SSL_CERT_FILE, which the client
+    inherits) and an unrelated --vcenter-ca-file: the daemon's /discover and the client's
+    backup both trust vCenter.  (The client once trusted only the file.)"""
+    tb = data
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(other_ca_pem())
+    sna = daemon_factory(
+        name="cafile",
+        sbc=SBC,
+        extra=(
+            "--nbd-ports",
+            f"{HUB_PORTS.start}-{HUB_PORTS.stop - 1}",
+            "--vcenter-ca-file",
+            str(other),
+        ),
+        env={"SSL_CERT_FILE": tb.vcenter["cert_file"]},
+    )
+    vcenter = tb.vcenter
+    found = sna.api.post(
+        "/api/v1/discover",
+        {
+            "vcenter": f"{vcenter['host']}:{vcenter['port']}",
+            "username": vcenter["user"],
+            "password": vcenter["password"],
+            "filter": "e2esha",
+        },
+    )
+    assert found.status == 200, found
+    targets = hub_targets(tb, "e2esha")
+    body = backup_request(tb, "e2esha", job_ids("cafile"), targets, "full")
+    del body["vcenter_thumbprint"]
+    _, run = run_backup(sna.api, body)
+    assert_completed(run)
+    for key, target in targets.items():
+        compare(tb, "e2esha", key, target["qcow2"])
+
+
+def other_ca_pem() -> bytes:
+    """A CA certificate that signed nothing here."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unrelated-ca")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_wrong_or_reset_change_id_means_full_for_that_disk(

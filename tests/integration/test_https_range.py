@@ -24,10 +24,10 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from sna.backup import tls
 from sna.backup.https import HttpError, RangeConnection, parse_head
 from sna.backup.readers import FolderReader, ReaderError
 from sna.backup.vsphere import SnapshotDisk
+from sna.contract.tls import TlsSettings, ssl_context, thumbprint_of
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +167,7 @@ def server(certificate: tuple[Path, Path, bytes]) -> Iterator[ScriptedServer]:
 
 
 def trusting(certificate: tuple[Path, Path, bytes]) -> ssl.SSLContext:
-    return tls.ssl_context(tls.TlsSettings(ca_file=str(certificate[0])))
+    return ssl_context(TlsSettings(ca_file=str(certificate[0])))
 
 
 def test_a_response_head_is_parsed() -> None:
@@ -267,17 +267,15 @@ async def test_the_server_is_verified(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes]
 ) -> None:
     with pytest.raises(HttpError, match="certificate verify failed"):
-        await RangeConnection.open(
-            reactor, "127.0.0.1", server.port, tls.ssl_context(tls.TlsSettings()), 5
-        )
+        await RangeConnection.open(reactor, "127.0.0.1", server.port, ssl_context(TlsSettings()), 5)
     wrong = "AA:" * 19 + "AA"
-    with pytest.raises(HttpError, match="is not the pinned one"):
+    with pytest.raises(HttpError, match="does not match the pinned"):
         await RangeConnection.open(
-            reactor, "127.0.0.1", server.port, tls.ssl_context(tls.TlsSettings(thumbprint=wrong)), 5
+            reactor, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=wrong)), 5
         )
-    right = tls.thumbprint_of(certificate[2], "sha256")
+    right = thumbprint_of(certificate[2], "sha256")
     conn = await RangeConnection.open(
-        reactor, "127.0.0.1", server.port, tls.ssl_context(tls.TlsSettings(thumbprint=right)), 5
+        reactor, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=right)), 5
     )
     conn.close()
 
@@ -313,7 +311,7 @@ async def test_closing_the_reader_fails_a_read_still_connecting() -> None:
             datacenter="DC0",
             disk=disk,
             cookie="vmware_soap_session=x",
-            context=tls.ssl_context(tls.TlsSettings(insecure=True)),
+            context=ssl_context(TlsSettings(insecure=True)),
             connections=1,
             io_timeout=60,
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sna import standby
+from sna.contract import standby
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from sna.vmware import vsphere as vsphere_module
 from sna.vmware.interface import (
     AuthenticationFailed,
-    CertificateMismatch,
+    CertificateRejected,
     Conflict,
     Credentials,
     InvalidVSphereRequest,
@@ -660,7 +660,7 @@ async def test_default_verification_rejects_the_self_signed_certificate(
     before = session_keys(admin)
     pool = make_pool(thread_pool)  # the system CAs only
     try:
-        with pytest.raises(CertificateMismatch, match="not trusted") as raised:
+        with pytest.raises(CertificateRejected, match="not trusted") as raised:
             await VSphere(pool).cbt_status(creds, "/DC0/vm/pgtest10")
         assert raised.value.status == 502
     finally:
@@ -697,7 +697,7 @@ async def test_a_pinned_thumbprint_is_trusted_and_a_wrong_one_refused(
             password=creds.password,
             thumbprint=wrong_digits,
         )
-        with pytest.raises(CertificateMismatch, match="does not match"):
+        with pytest.raises(CertificateRejected, match="does not match"):
             await vsphere.cbt_status(wrong, "/DC0/vm/pgtest10")
     finally:
         await pool.close()
@@ -718,7 +718,7 @@ async def test_insecure_mode_skips_verification_but_not_a_pin(
             password=creds.password,
             thumbprint="AA" * 32,
         )
-        with pytest.raises(CertificateMismatch):
+        with pytest.raises(CertificateRejected):
             await vsphere.cbt_status(wrong, "/DC0/vm/pgtest10")
     finally:
         await pool.close()

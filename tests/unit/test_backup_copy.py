@@ -14,9 +14,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from sna.backup.copier import CopyError, DiskCopy, DiskStats
 from sna.backup.extents import Area, plan
 from sna.backup.job import JobError, map_targets
-from sna.backup.options import NbdAddress, Target
 from sna.backup.readers import ReaderError
 from sna.backup.vsphere import SnapshotDisk
+from sna.contract.targets import NbdTarget
 from sna.nbd.errors import ConnectionLost, TransmissionError
 
 MiB = 1 << 20
@@ -173,8 +173,8 @@ def disk(key: str) -> SnapshotDisk:
     )
 
 
-def target(key: str) -> Target:
-    return Target(key, NbdAddress(export=f"e{key}", host="127.0.0.1", port=10100))
+def target(key: str) -> NbdTarget:
+    return NbdTarget(key, "127.0.0.1", 10100, f"e{key}")
 
 
 def test_mapping_is_exact() -> None:
@@ -199,7 +199,7 @@ def test_unmapped_and_unknown_keys_are_named_together() -> None:
 
 
 def test_single_disk_mode() -> None:
-    single = (Target("", NbdAddress(export="migration", host="127.0.0.1", port=10808)),)
+    single = (NbdTarget("", "127.0.0.1", 10808, "migration"),)
     assert map_targets([disk("2000")], single)["2000"].disk_key == "2000"
     with pytest.raises(JobError, match="has 2 disks"):
         map_targets([disk("2000"), disk("2001")], single)

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from sna.backup.options import NbdAddress, Target, UsageError, parse_args, parse_endpoint
+from sna.backup.options import NbdAddress, UsageError, parse_args, parse_endpoint
+from sna.contract.targets import NbdTarget
 
 ENV = {"SNA_VCENTER_PASSWORD": "s3cret"}
 BASE = [
@@ -34,8 +35,8 @@ def test_the_daemons_command_line() -> None:
     assert options.password == "s3cret"
     assert options.snapshot_name == "sbak-backup-pgtest1-1"
     assert options.targets == (
-        Target("2000", NbdAddress(export="pgtest1-disk0", host="127.0.0.1", port=10100)),
-        Target("2016", NbdAddress(export="disk two", host="127.0.0.1", port=10101)),
+        NbdTarget("2000", "127.0.0.1", 10100, "pgtest1-disk0"),
+        NbdTarget("2016", "127.0.0.1", 10101, "disk two"),
     )
     assert options.backup_type == "incremental"
     assert options.previous_for("2000") == "52 aa/3"
@@ -104,9 +105,7 @@ def test_single_disk_mode_without_targets() -> None:
     i = argv.index("--nbd-targets")
     del argv[i : i + 2]
     options = parse_args([*argv, "--nbd-port", "10150"], ENV)
-    assert options.targets == (
-        Target("", NbdAddress(export="migration", host="127.0.0.1", port=10150)),
-    )
+    assert options.targets == (NbdTarget("", "127.0.0.1", 10150, "migration"),)
 
 
 def test_tls_choices() -> None:
@@ -132,11 +131,13 @@ def test_target_zero_trust() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--nbd-targets", "2000:nbd://h:1/a,2000:nbd://h:2/b"], "mapped twice"),
-        (["--nbd-targets", "disk0:nbd://h:1/a"], "not a VMware device key"),
+        (["--nbd-targets", "2000:nbd://h:1/a,2000:nbd://h:2/b"], "disk key 2000 is already used"),
+        (["--nbd-targets", "2000:nbd://h:1/a,2001:nbd://h:1/b"], "port 1 is already used"),
+        (["--nbd-targets", "disk0:nbd://h:1/a"], "not a number"),
+        (["--nbd-targets", "2000:nbd://h:1/"], "names no export"),
         (["--nbd-targets", "2000:http://h:1/a"], "must look like"),
         (["--nbd-targets", "2000:nbd://h:1/a,"], "is empty"),
-        (["--nbd-targets", "2000:nbd://h:99999/a"], "invalid port"),
+        (["--nbd-targets", "2000:nbd://h:99999/a"], "not a number from 1 to 65535"),
         (["--previous-change-ids", "[1]"], "JSON object"),
         (["--previous-change-ids", "{"], "not JSON"),
         (["--previous-change-ids", '{"2000": 7}'], "not a string"),

@@ -8,7 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sna.contract import argv, disks, ids
+from sna.api import validation
+from sna.backup.options import parse_args
+from sna.config import Settings
+from sna.contract import argv, disks, ids, targets, vcenter
+from sna.sbc.process import ClientCommand
 
 SHA_IDS = [
     "backup-pgtest1-1760099954",
@@ -124,3 +128,108 @@ def test_argv_words() -> None:
     assert argv.option_value(["--job-id", "j"], "--job-id") == "j"
     assert argv.option_value(["--job-ids=j"], "--job-id") is None
     assert argv.option_value(["--job-id"], "--job-id") is None
+
+
+export_text = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40
+).filter(lambda t: t.isprintable())
+nbd_targets = st.lists(
+    st.builds(
+        targets.NbdTarget,
+        st.integers(0, 999_999_999).map(str),
+        st.sampled_from(["127.0.0.1", "::1", "localhost", "fe80::2"]),
+        st.integers(1, 65535),
+        export_text,
+    ),
+    min_size=1,
+    max_size=8,
+    unique_by=(lambda t: t.disk_key, lambda t: t.port),
+)
+
+
+@given(nbd_targets)
+def test_what_one_side_writes_the_other_reads(written: list[targets.NbdTarget]) -> None:
+    """The daemon's relayed targets, exports with commas, spaces or % included."""
+    text = targets.format_targets(written)
+    assert targets.parse_targets(text) == tuple(written)
+    assert targets.parse_targets(text, lenient=True) == tuple(written)
+
+
+def test_what_the_sha_writes_the_api_reads_and_hands_on_unchanged() -> None:
+    """The SHA puts the VM name raw in the export (sha-contract.md §6)."""
+    sha = "2000:nbd://127.0.0.1:10100/SQL Server 01-disk0,2001:nbd://127.0.0.1:10101/Büro-disk1"
+    read = validation.parse_targets(sha, Settings())
+    assert [t.export for t in read] == ["SQL Server 01-disk0", "Büro-disk1"]
+    assert targets.parse_targets(targets.format_targets(read)) == read
+
+
+def test_the_go_client_s_defaults_only_when_lenient() -> None:
+    assert targets.parse_targets("2000:nbd:///x", lenient=True) == (
+        targets.NbdTarget("2000", "127.0.0.1", 10809, "x"),
+    )
+    with pytest.raises(targets.TargetError, match=r"entry 1 .* the URL has no host"):
+        targets.parse_targets("2000:nbd:///x")
+    with pytest.raises(targets.TargetError, match="the URL has no port"):
+        targets.parse_targets("2000:nbd://h/x")
+
+
+job_ids = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/"),
+    min_size=1,
+    max_size=255,
+).filter(lambda t: t.strip() != "")
+words = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1)
+change_id = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=80
+).filter(lambda t: t.strip() not in ("", "PLACEHOLDER"))
+
+
+@given(
+    job_id=job_ids,
+    user=words.filter(lambda t: t.strip() != ""),
+    vm_path=words.filter(lambda t: t.strip() != ""),
+    endpoint=st.sampled_from(["vc.example.local", "127.0.0.1:8443", "https://[::1]:9443/sdk"]),
+    backup_type=st.sampled_from(["full", "incremental"]),
+    previous=st.none() | change_id,
+    per_disk=st.dictionaries(st.sampled_from(["2000", "2001"]), change_id, max_size=2),
+    thumbprint=st.none() | st.sampled_from(["ab" * 20, "CD:" * 31 + "CD"]),
+    exports=st.lists(export_text, min_size=2, max_size=2),
+)
+def test_every_request_the_api_accepts_the_client_reads_back(
+    job_id: str,
+    user: str,
+    vm_path: str,
+    endpoint: str,
+    backup_type: str,
+    previous: str | None,
+    per_disk: dict[str, str],
+    thumbprint: str | None,
+    exports: list[str],
+) -> None:
+    body = {
+        "job_id": job_id,
+        "vm_name": "vm",
+        "vcenter_host": endpoint,
+        "vcenter_user": user,
+        "vcenter_password": "pa55 -w0rd",
+        "vm_path": vm_path,
+        "nbd_targets": ",".join(
+            f"{2000 + i}:nbd://127.0.0.1:{10100 + i}/{urllib.parse.quote(e, safe='')}"
+            for i, e in enumerate(exports)
+        ),
+        "backup_type": backup_type,
+        "previous_change_id": previous,
+        "previous_change_ids": per_disk,
+        "vcenter_thumbprint": thumbprint,
+    }
+    request = validation.parse_backup_request(body, Settings(), sha=True)
+    command = ClientCommand.parse("/usr/bin/sendense-backup-client")
+    options = parse_args(command.arguments(request), command.environment(request, {}))
+    assert (options.job_id, options.user, options.vm_path) == (job_id, user, vm_path)
+    assert (options.host, options.port) == vcenter.parse_address(endpoint)
+    assert options.password == "pa55 -w0rd" and not options.password_from_argv
+    assert options.targets == request.targets
+    assert options.backup_type == backup_type
+    assert options.previous_change_id == request.previous_change_id
+    assert dict(options.previous_change_ids) == dict(request.previous_change_ids)
+    assert options.tls.thumbprint == request.vcenter_thumbprint

@@ -11,7 +11,7 @@ from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from sna import standby
+from sna.contract import standby
 from sna.sbc.process import (
     ClientCommand,
     ClientUnavailable,

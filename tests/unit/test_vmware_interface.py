@@ -1,18 +1,11 @@
-"""vCenter addresses and certificate thumbprints as requests give them."""
+"""vCenter addresses as requests give them, read alike by the daemon and the client."""
 
 from __future__ import annotations
 
 import pytest
 
-from sna.vmware.interface import (
-    Credentials,
-    InvalidVSphereRequest,
-    normalise_thumbprint,
-    parse_address,
-)
-
-SHA1 = "EC:72:B3:9B:66:CB:34:56:D0:24:2C:F9:F4:33:4A:44:3D:6E:05:74"
-SHA256 = ":".join(["19", "D2"] * 16)
+from sna.backup.options import UsageError, parse_endpoint
+from sna.vmware.interface import Credentials, InvalidVSphereRequest, parse_address
 
 
 @pytest.mark.parametrize(
@@ -35,6 +28,8 @@ SHA256 = ":".join(["19", "D2"] * 16)
 )
 def test_addresses_accepted(value: str, expected: tuple[str, int]) -> None:
     assert parse_address(value) == expected
+    # The client reads --vmware-endpoint by the same rule.
+    assert parse_endpoint(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -66,48 +61,14 @@ def test_addresses_refused(value: str, complaint: str) -> None:
         parse_address(value, "vcenter_host")
     assert raised.value.field == "vcenter_host"
     assert raised.value.status == 400
+    with pytest.raises(UsageError, match=complaint):
+        parse_endpoint(value)
 
 
 def test_a_refused_address_does_not_echo_a_password() -> None:
     with pytest.raises(InvalidVSphereRequest) as raised:
         parse_address("https://admin:Secret-1@vc.example.com/sdk")
     assert "Secret-1" not in raised.value.message
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (SHA1, SHA1),
-        (SHA1.replace(":", ""), SHA1),
-        (SHA1.lower(), SHA1),
-        (SHA1.replace(":", "").lower(), SHA1),
-        (f"  {SHA1} ", SHA1),
-        (SHA1.replace(":", " "), SHA1),
-        (SHA256, SHA256),
-        (SHA256.replace(":", "").lower(), SHA256),
-    ],
-)
-def test_thumbprints_accepted(value: str, expected: str) -> None:
-    assert normalise_thumbprint(value) == expected
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "EC:72",
-        SHA1[:-3],  # 19 bytes
-        SHA1 + ":AA",  # 21 bytes
-        SHA256 + ":AA",
-        SHA1.replace("E", "G"),
-        "sha1:" + SHA1,
-        ":".join(["AB"] * 48),  # SHA-384: vSphere shows none
-    ],
-)
-def test_thumbprints_refused(value: str) -> None:
-    with pytest.raises(InvalidVSphereRequest) as raised:
-        normalise_thumbprint(value)
-    assert raised.value.field == "vcenter_thumbprint"
 
 
 def test_credentials_keep_the_password_out_of_their_repr() -> None:

@@ -267,7 +267,7 @@ def test_a_failed_power_off_task_is_an_error(rig: Rig) -> None:
     rig.vm.task_error = vim.fault.InvalidPowerState(msg="not now")
     _, result = rig.settle(rig.vsphere.power_off(CREDS, VM_ID, True, SHA_OFF_TIMEOUT))
     assert isinstance(result, Failure) and result.check(Conflict)
-    assert str(result.value) == f"powering off {VM_ID}: not now"
+    assert str(result.value) == f"powering off {VM_ID}: InvalidPowerState: not now"
 
 
 def test_a_refused_power_off_of_a_vm_still_on_is_the_refusal(rig: Rig) -> None:

@@ -9,7 +9,6 @@ time (a ``Clock``) passes.  Against the real simulator, see
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from collections.abc import Callable
 from typing import Any, Optional
@@ -22,18 +21,17 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from sna.contract.tls import CertificateMismatch
 from sna.testing import HeldThreadPool, SameThread
-from sna.vmware.faults import ThumbprintMismatch
 from sna.vmware.interface import (
     AuthenticationFailed,
-    CertificateMismatch,
+    CertificateRejected,
     Credentials,
     TimedOut,
     Unreachable,
     VSphereError,
-    normalise_thumbprint,
 )
-from sna.vmware.sessions import Connection, SessionPool, _PinnedContext, tls_context
+from sna.vmware.sessions import Connection, SessionPool
 
 PASSWORD = "Very-Secret-9"
 CREDS = Credentials(host="vc.example.com", port=443, user="admin", password=PASSWORD)
@@ -230,8 +228,8 @@ def test_a_refused_login_leaves_nothing_behind(rig: Rig) -> None:
     [
         (ConnectionRefusedError(111, "Connection refused"), Unreachable),
         (TimeoutError("timed out"), TimedOut),
-        (ssl.SSLCertVerificationError(1, "certificate verify failed"), CertificateMismatch),
-        (ThumbprintMismatch("AA:BB", "CC:DD"), CertificateMismatch),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), CertificateRejected),
+        (CertificateMismatch("AA:BB", "CC:DD"), CertificateRejected),
     ],
 )
 def test_network_failures_become_vsphere_errors(
@@ -301,38 +299,3 @@ def test_insecure_mode_warns_once() -> None:
     warnings = [e for e in events if "verification is OFF" in formatEvent(e)]
     assert len(warnings) == 1
     assert warnings[0]["log_level"].name == "warn"
-
-
-# -- TLS contexts ----------------------------------------------------------------------------
-
-DER = b"not really a certificate, but bytes to digest"
-
-
-def test_default_context_verifies() -> None:
-    context = tls_context(None)
-    assert context.verify_mode == ssl.CERT_REQUIRED
-    assert context.check_hostname is True
-
-
-def test_insecure_context_does_not_verify() -> None:
-    context = tls_context(None, insecure=True)
-    assert context.verify_mode == ssl.CERT_NONE
-
-
-@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
-@pytest.mark.parametrize("insecure", [False, True])
-def test_a_pinned_context_accepts_only_its_certificate(algorithm: str, insecure: bool) -> None:
-    digest = hashlib.new(algorithm, DER).hexdigest()
-    context = tls_context(digest, insecure=insecure)
-    assert isinstance(context, _PinnedContext)
-    # The pin replaces CA verification, and is checked after every handshake.
-    assert context.verify_mode == ssl.CERT_NONE
-    context.check(DER)
-    with pytest.raises(ThumbprintMismatch) as raised:
-        context.check(DER + b"!")
-    assert raised.value.expected == normalise_thumbprint(digest)
-    assert "does not match" in str(raised.value)
-
-
-def test_contexts_are_never_shared() -> None:
-    assert tls_context(None) is not tls_context(None)
