@@ -477,12 +477,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="keep data here (default: a temp dir)")
     parser.add_argument("--source", type=Path, help="use this file as the source")
     parser.add_argument(
-        "--relay-path", default="auto", choices=["auto", "copy", "splice", "transport"],
+        "--relay-path", default="auto", choices=["auto", "copy", "transport"],
         help="data path of the 'sna' variant (default: auto, what the daemon uses)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--with-splice", action="store_true",
-        help="add 'sna-splice' (the relay's splice path) to every group",
     )  # fmt: skip
     parser.add_argument(
         "--with-transport", action="store_true",
@@ -506,10 +502,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if g not in GROUPS:
             raise SystemExit(f"unknown group {g!r}")
     variants = {g: list(GROUPS[g]) for g in GROUPS}
-    for flag, variant in ((args.with_splice, "sna-splice"), (args.with_transport, "sna-transport")):
-        if flag:
-            for g in variants:
-                variants[g].append(variant)
+    if args.with_transport:
+        for g in variants:
+            variants[g].append("sna-transport")
 
     temp = None
     if args.data_dir:

@@ -149,7 +149,10 @@ def ack_now(transport: Any) -> None:
 def client_endpoint(
     reactor: IReactorTCP, host: str, port: int, timeout: float
 ) -> IStreamClientEndpoint:
-    """A TCP endpoint for ``host``; IP literals skip name resolution (no thread pool)."""
+    """A TCP endpoint for ``host``; IP literals skip name resolution (no thread pool).
+
+    The one such helper of ``sna.nbd``: the client, the probe and the relay use it.
+    """
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         address = ipaddress.ip_address(bare)

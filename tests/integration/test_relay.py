@@ -1,6 +1,6 @@
 """The relay on the real reactor, against real qemu-nbd and plain TCP peers.
 
-Every test runs once per data path: ``copy``, ``splice`` (Linux) and ``transport``.
+Every test runs once per data path: ``copy`` and ``transport``.
 qemu-nbd comes from ``tests/integration/nbd_fixtures.py``; the other peers
 (an answering server, a server that never reads) are made here.  Clients that
 block (nbdcopy, plain sockets) run in threads so the reactor keeps relaying.
@@ -29,7 +29,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
-from sna.nbd.relay import Relay, splice_available
+from sna.nbd.relay import Relay
 from sna.nbd.wire import Command, encode_request
 from tests.integration.nbd_fixtures import (
     HOST,
@@ -49,16 +49,7 @@ TIMEOUT = 20.0
 BUFFER_BOUND = 4 * MiB
 
 
-@pytest.fixture(
-    params=[
-        "copy",
-        pytest.param(
-            "splice",
-            marks=pytest.mark.skipif(not splice_available(), reason="splice needs Linux"),
-        ),
-        "transport",
-    ]
-)
+@pytest.fixture(params=["copy", "transport"])
 def data_path(request: pytest.FixtureRequest) -> str:
     path: str = request.param
     return path

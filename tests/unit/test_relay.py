@@ -1,7 +1,7 @@
 """The relay's transport data path, in memory: MemoryReactorClock and StringTransport.
 
-The copy and splice paths need real sockets; ``tests/integration/test_relay.py``
-runs every path against real processes.
+The copy path's pumps have their own in-memory tests (``test_relay_copy.py``);
+``tests/integration/test_relay.py`` runs both paths against real processes.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from sna.nbd.relay import (
+    CONNECT_TIMEOUT,
     RATE_STEP,
     RATE_WINDOW,
     STOP_GRACE,
     Relay,
     RelayRegistry,
-    splice_available,
 )
 from sna.nbd.wire import Command, encode_request
 
@@ -438,6 +438,21 @@ def test_stop_aborts_connections_that_do_not_close(rig: Rig) -> None:
     assert rig.lost == []
 
 
+def test_stop_during_an_incident_closes_and_reports_nothing_more(rig: Rig) -> None:
+    side = rig.relayed()
+    assert side.upstream is not None
+    side.upstream.connectionLost(Failure(ConnectionLost()))
+    assert rig.relay.stats().state == "upstream_lost"
+    waiting = rig.accept()
+    d = rig.relay.stop()
+    waiting.client.connectionLost(Failure(ConnectionDone()))
+    side.client.connectionLost(Failure(ConnectionDone()))
+    assert result_of(d) is None
+    stats = rig.relay.stats()
+    assert (stats.state, stats.active_connections) == ("closed", 0)
+    assert len(rig.lost) == 1
+
+
 def test_stop_with_no_connections_fires_at_once(rig: Rig) -> None:
     assert result_of(rig.relay.stop()) is None
     assert rig.relay.stats().bytes_per_second_current == 0.0
@@ -446,12 +461,24 @@ def test_stop_with_no_connections_fires_at_once(rig: Rig) -> None:
 # -- construction and registry --------------------------------------------------
 
 
-def test_unknown_data_path_is_refused() -> None:
+@pytest.mark.parametrize("path", ["zerocopy", "splice"])
+def test_unknown_data_path_is_refused(path: str) -> None:
+    # splice was a path until it was measured no better than copy and removed.
     with pytest.raises(ValueError):
         Relay(
             MemoryReactorClock(), "127.0.0.1", 1, job_id="j", disk_key="k", export="e",
-            data_path="zerocopy",  # type: ignore[arg-type]
+            data_path=path,  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "127.0.0.1"])
+def test_address_literals_are_connected_without_name_resolution(host: str) -> None:
+    reactor = MemoryReactorClock()
+    relay = Relay(reactor, host, TARGET_PORT, job_id="j", disk_key="k", export="e")
+    result_of(Deferred.fromCoroutine(relay.start()))
+    Rig(reactor, relay, []).accept()
+    [(connected, port, _factory, timeout, _bind)] = reactor.tcpClients
+    assert (connected, port, timeout) == (host.strip("[]"), TARGET_PORT, CONNECT_TIMEOUT)
 
 
 def test_auto_takes_the_copy_path_on_a_file_descriptor_reactor() -> None:
@@ -473,15 +500,6 @@ def test_socket_paths_need_a_file_descriptor_reactor() -> None:
     )
     with pytest.raises(ValueError):
         Relay(reactor, "127.0.0.1", 1, job_id="j", disk_key="k", export="e", data_path="copy")
-
-
-@pytest.mark.skipif(splice_available(), reason="splice is available here")
-def test_splice_is_refused_where_unavailable() -> None:
-    with pytest.raises(ValueError):
-        Relay(
-            MemoryReactorClock(), "127.0.0.1", 1, job_id="j", disk_key="k", export="e",
-            data_path="splice",
-        )  # fmt: skip
 
 
 def test_registry_lists_relays_and_keeps_totals_after_removal() -> None:
