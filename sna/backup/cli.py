@@ -22,6 +22,7 @@ from types import FrameType
 from typing import IO, Any, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
@@ -39,6 +40,7 @@ from zope.interface import implementer
 from sna.backup.events import EventWriter, mask
 from sna.backup.job import BackupJob
 from sna.backup.options import PASSWORD_ENV, JobOptions, UsageError, parse_args
+from sna.backup.reactor import ClientReactor
 from sna.contract import standby
 
 EXIT_USAGE = 2
@@ -94,12 +96,13 @@ def start_logging(debug: bool, secrets: Sequence[str]) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.WARNING)
 
 
-def _run(reactor: Any, options: JobOptions, events: EventWriter) -> Any:
-    job = BackupJob(reactor, options, events)
+def _run(reactor: object, options: JobOptions, events: EventWriter) -> Deferred[None]:
+    client = ClientReactor.of(reactor)
+    job = BackupJob(client, options, events)
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
-        reactor.callFromThread(job.cancel, f"received {name}", 128 + signum)
+        client.threads.callFromThread(job.cancel, f"received {name}", 128 + signum)
 
     def install() -> None:
         # After the reactor's own handlers (installed at startup), so ours win:
@@ -107,7 +110,7 @@ def _run(reactor: Any, options: JobOptions, events: EventWriter) -> Any:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    reactor.callWhenRunning(install)
+    IReactorCore(reactor).callWhenRunning(install)
 
     async def main() -> None:
         status = await job.run()

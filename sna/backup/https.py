@@ -35,14 +35,14 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IReactorFDSet,
-    IReactorTime,
     IReadDescriptor,
     IWriteDescriptor,
 )
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from sna.backup.reactor import ClientReactor
 
 #: The status line and headers of a response may not be longer than this.
 MAX_HEAD = 64 * 1024
@@ -118,11 +118,16 @@ class RangeConnection:
     """One TLS connection to an HTTPS server, driven by the reactor (see the module docstring)."""
 
     def __init__(
-        self, reactor: Any, sock: ssl.SSLSocket, where: str, timeout: float, authority: str = ""
+        self,
+        reactor: ClientReactor,
+        sock: ssl.SSLSocket,
+        where: str,
+        timeout: float,
+        authority: str = "",
     ) -> None:
         self._reactor = reactor
-        self._fdset = IReactorFDSet(reactor)
-        self._clock = IReactorTime(reactor)
+        self._fdset = reactor.fds
+        self._clock = reactor.clock
         self._sock = sock
         self._fd = sock.fileno()
         self.where = where
@@ -150,7 +155,7 @@ class RangeConnection:
     @classmethod
     def open(
         cls,
-        reactor: Any,
+        reactor: ClientReactor,
         host: str,
         port: int,
         context: ssl.SSLContext,
@@ -161,7 +166,7 @@ class RangeConnection:
         authority = f"[{host}]:{port}" if ":" in host else where
 
         async def go() -> RangeConnection:
-            address = await _resolve(host, port)
+            address = await _resolve(reactor, host, port)
             try:
                 raw = socket.socket(address[0], socket.SOCK_STREAM)
             except OSError as e:
@@ -444,13 +449,16 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-async def _resolve(host: str, port: int) -> tuple[Any, ...]:
-    """The first address of ``host`` (IP literals without a lookup; names on a thread)."""
+async def _resolve(reactor: ClientReactor, host: str, port: int) -> tuple[Any, ...]:
+    """The first address of ``host`` (IP literals without a lookup; names on the job's
+    worker thread)."""
     if _is_ip(host):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return (family, socket.SOCK_STREAM, 0, "", (host, port))
     try:
-        found = await deferToThread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        found = await deferToThreadPool(
+            reactor.threads, reactor.pool, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+        )
     except (OSError, UnicodeError) as e:
         raise HttpError(f"cannot resolve {host}: {e}") from None
     if not found:

@@ -28,18 +28,17 @@ reactor's lifetime (that is :mod:`sna.backup.cli`).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Optional, TypeVar
 
 import attrs
 from pyVmomi import vmodl
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from sna.backup import tls
 from sna.backup.changeid import ChangeId, InvalidChangeId, parse_change_id, try_parse
@@ -48,6 +47,7 @@ from sna.backup.events import EventWriter
 from sna.backup.extents import Area, PagingError, page_changed_areas, plan, total
 from sna.backup.nbdkit import NbdkitError, VddkServers
 from sna.backup.options import PASSWORD_ENV, JobOptions, NbdAddress
+from sna.backup.reactor import ClientReactor
 from sna.backup.readers import (
     FolderReader,
     IDiskReader,
@@ -127,13 +127,6 @@ class DiskRun:
         if self.target.disk_key == self.disk.key:
             return f"disk {self.disk.key}"
         return f"disk {self.disk.key} (target {self.target.disk_key})"
-
-
-class _DaemonThreadPool(ThreadPool):
-    # A vCenter call stuck in a socket must not keep the process alive after
-    # the run has given up on it.
-    def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
-        return threading.Thread(*args, daemon=True, **kwargs)
 
 
 def decide(
@@ -224,11 +217,12 @@ def map_targets(disks: list[SnapshotDisk], targets: tuple[NbdTarget, ...]) -> di
 class BackupJob:
     """One run.  :meth:`run` returns the exit status; :meth:`cancel` may come at any time."""
 
-    def __init__(self, reactor: Any, options: JobOptions, events: EventWriter) -> None:
+    def __init__(self, reactor: ClientReactor, options: JobOptions, events: EventWriter) -> None:
         self._reactor = reactor
+        self._clock = reactor.clock
         self._options = options
         self._events = events
-        self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="vsphere")
+        self._pool = reactor.pool
         self._calls_in_flight = 0
         self._session: Optional[Session] = None
         self._vm: Any = None
@@ -241,9 +235,9 @@ class BackupJob:
         self._cancel_status = 1
         self._finishing = False
         self._progress = LoopingCall(self._tick)
-        self._progress.clock = reactor
+        self._progress.clock = reactor.clock
         self._keepalive = LoopingCall(self._keep_session)
-        self._keepalive.clock = reactor
+        self._keepalive.clock = reactor.clock
         self._last_tick: tuple[float, int] = (0.0, 0)
         self._last_change = 0.0
         self._summary = {"bytes_read": 0, "bytes_written": 0, "bytes_zero": 0}
@@ -313,7 +307,7 @@ class BackupJob:
         """A blocking vCenter call on the job's one thread."""
         self._calls_in_flight += 1
         try:
-            result: T = await deferToThreadPool(self._reactor, self._pool, f, *args)
+            result: T = await deferToThreadPool(self._reactor.threads, self._pool, f, *args)
         finally:
             self._calls_in_flight -= 1
         return result
@@ -633,7 +627,7 @@ class BackupJob:
             zero_gaps=zero_gaps,
         )
         run.stats = stats
-        run.started = self._reactor.seconds()
+        run.started = self._clock.seconds()
         self._current = run
         self._last_tick = (run.started, 0)
         self._last_change = run.started
@@ -651,7 +645,7 @@ class BackupJob:
         )
         await copy.run()
         # Flushed: the bytes the change ID describes are durable on the target.
-        elapsed = max(self._reactor.seconds() - run.started, 1e-6)
+        elapsed = max(self._clock.seconds() - run.started, 1e-6)
         self._current = None
         run.done = True
         self._events.progress(
@@ -690,7 +684,7 @@ class BackupJob:
         run = self._current
         if run is None or run.stats is None:
             return
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         done = run.stats.bytes_done
         then, before = self._last_tick
         rate = (done - before) / (now - then) if now > then else 0.0
@@ -753,7 +747,7 @@ class BackupJob:
                     continue
                 if success:
                     try:
-                        await closer.close().addTimeout(CLOSE_TIMEOUT, self._reactor)
+                        await closer.close().addTimeout(CLOSE_TIMEOUT, self._clock)
                     except Exception as e:
                         log.warn("closing a connection failed: {error}", error=str(e))
                         closer.abort()
@@ -809,7 +803,7 @@ class BackupJob:
                     error=str(e),
                 )
                 if attempt == 1:
-                    await _sleep(self._reactor, 2.0)
+                    await _sleep(self._clock, 2.0)
         self._events.error(
             f"snapshot {name} of VM {self._options.vm_path!r} could not be removed: {error}; "
             "remove it in vCenter"
@@ -817,5 +811,5 @@ class BackupJob:
         return False
 
 
-def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
+def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
+    return deferLater(clock, seconds, lambda: None)

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sna.backup.options import NbdAddress
+from sna.backup.reactor import ClientReactor
 from sna.backup.vsphere import SnapshotDisk
 
 log = Logger()
@@ -71,7 +72,7 @@ class VddkServers:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ClientReactor,
         *,
         nbdkit: str,
         libdir: str,
@@ -135,7 +136,7 @@ class VddkServers:
             key=disk.key,
             argv=" ".join(a for a in argv if not a.startswith("password=")),
         )
-        transport = self._reactor.spawnProcess(
+        transport = self._reactor.processes.spawnProcess(
             process,
             executable,
             argv,
@@ -155,7 +156,7 @@ class VddkServers:
                 raise NbdkitError(
                     f"disk {disk.key}: nbdkit vddk not ready after {READY_TIMEOUT:g} s"
                 )
-            await deferLater(self._reactor, 0.05, lambda: None)
+            await deferLater(self._reactor.clock, 0.05, lambda: None)
             waited += 0.05
         return NbdAddress(export="", socket=socket)
 
@@ -168,7 +169,7 @@ class VddkServers:
         for key, transport, process in running:
             if process.status is None:
                 try:
-                    await process.ended.addTimeout(STOP_GRACE, self._reactor)
+                    await process.ended.addTimeout(STOP_GRACE, self._reactor.clock)
                 except Exception:
                     log.warn("nbdkit of disk {key} ignored TERM; killing it", key=key)
                     try:

@@ -24,7 +24,6 @@ from typing import Any, Optional, Union
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTCP, IReactorUNIX
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +31,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from sna.backup.https import HttpError, RangeConnection
 from sna.backup.options import NbdAddress
+from sna.backup.reactor import ClientReactor
 from sna.backup.vsphere import SnapshotDisk
 from sna.nbd.client import NBDClient, connect, connect_endpoint
 from sna.nbd.errors import NBDError
@@ -115,7 +115,7 @@ class FolderReader:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ClientReactor,
         *,
         host: str,
         port: int,
@@ -256,7 +256,7 @@ class FolderReader:
                     delay=delay,
                     error=str(e),
                 )
-                pause = deferLater(self._reactor, delay, lambda: None)
+                pause = deferLater(self._reactor.clock, delay, lambda: None)
                 self._waiting.add(pause)
                 try:
                     await pause
@@ -350,24 +350,27 @@ def _host_for_url(host: str) -> str:
 
 
 async def connect_address(
-    reactor: Any, address: NbdAddress, timeout: float, max_in_flight_bytes: int
+    reactor: ClientReactor, address: NbdAddress, timeout: float, max_in_flight_bytes: int
 ) -> NBDClient:
     """An open :class:`NBDClient` for a TCP or Unix-socket address."""
     if address.socket is None:
         assert address.host is not None and address.port is not None
-        tcp: IReactorTCP = reactor
         return await connect(
-            tcp,
+            reactor.tcp,
             address.host,
             address.port,
             address.export,
             timeout,
             max_in_flight_bytes=max_in_flight_bytes,
         )
-    unix: IReactorUNIX = reactor
-    endpoint = UNIXClientEndpoint(unix, address.socket, timeout=int(max(timeout, 1)))
+    endpoint = UNIXClientEndpoint(reactor.unix, address.socket, timeout=int(max(timeout, 1)))
     return await connect_endpoint(
-        endpoint, reactor, address.export, f"NBD {address.describe()}", timeout, max_in_flight_bytes
+        endpoint,
+        reactor.clock,
+        address.export,
+        f"NBD {address.describe()}",
+        timeout,
+        max_in_flight_bytes,
     )
 
 
@@ -376,7 +379,7 @@ class NbdReader:
     """Reads an NBD export: one connection, requests pipelined by the caller."""
 
     def __init__(
-        self, reactor: Any, address: NbdAddress, disk: SnapshotDisk, timeout: float
+        self, reactor: ClientReactor, address: NbdAddress, disk: SnapshotDisk, timeout: float
     ) -> None:
         self._reactor = reactor
         self._address = address

@@ -25,6 +25,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from sna.backup.https import HttpError, RangeConnection, parse_head
+from sna.backup.reactor import ClientReactor
 from sna.backup.readers import FolderReader, ReaderError
 from sna.backup.vsphere import SnapshotDisk
 from sna.contract.tls import TlsSettings, ssl_context, thumbprint_of
@@ -32,6 +33,8 @@ from sna.contract.tls import TlsSettings, ssl_context, thumbprint_of
 pytestmark = pytest.mark.integration
 
 DATA = bytes(range(256)) * 4096 * 4  # 4 MiB with a pattern
+#: The client's view of the test's reactor (IP addresses only: its pool never starts).
+CLIENT = ClientReactor.of(reactor)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path, bytes]:
@@ -188,7 +191,7 @@ def test_a_response_head_is_parsed() -> None:
 async def test_ranges_land_in_the_buffer_on_one_kept_alive_connection(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes]
 ) -> None:
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, trusting(certificate), 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, trusting(certificate), 5)
     for first, length in ((0, 4096), (12345, 1 << 20), (len(DATA) - 7, 7)):
         buffer = bytearray(length)
         response = await conn.get(
@@ -205,7 +208,7 @@ async def test_ranges_land_in_the_buffer_on_one_kept_alive_connection(
 async def test_an_error_page_is_read_and_the_connection_kept(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes]
 ) -> None:
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, trusting(certificate), 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, trusting(certificate), 5)
     buffer = bytearray(4096)
     response = await conn.get("/missing", {}, memoryview(buffer))
     assert (response.status, response.reason, response.body) == (404, "Not Found", 9)
@@ -220,22 +223,22 @@ async def test_bodies_it_does_not_read_close_the_connection(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes]
 ) -> None:
     context = trusting(certificate)
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, context, 5)
     response = await conn.get("/chunked", {}, memoryview(bytearray(4096)))
     assert (response.status, response.body) == (500, 0)
     assert conn.closed
     # Longer than the buffer: not read either.
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, context, 5)
     response = await conn.get("/data", {"Range": "bytes=0-99"}, memoryview(bytearray(10)))
     assert (response.status, response.body) == (206, 0)
     assert conn.closed
     # A length that is not ASCII digits is no length.
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, context, 5)
     response = await conn.get("/superscript", {}, memoryview(bytearray(10)))
     assert (response.status, response.body) == (206, 0)
     assert conn.closed
     # Connection: close is honoured once the body is in.
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, context, 5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, context, 5)
     buffer = bytearray(100)
     response = await conn.get("/data-close", {"Range": "bytes=0-99"}, memoryview(buffer))
     assert response.body == 100 and buffer == DATA[:100]
@@ -254,7 +257,7 @@ async def test_bodies_it_does_not_read_close_the_connection(
 async def test_a_broken_answer_is_an_http_error(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes], path: str, message: str
 ) -> None:
-    conn = await RangeConnection.open(reactor, "127.0.0.1", server.port, trusting(certificate), 0.5)
+    conn = await RangeConnection.open(CLIENT, "127.0.0.1", server.port, trusting(certificate), 0.5)
     with pytest.raises(HttpError, match=message):
         await conn.get(path, {}, memoryview(bytearray(100000)))
     assert conn.closed
@@ -267,15 +270,15 @@ async def test_the_server_is_verified(
     server: ScriptedServer, certificate: tuple[Path, Path, bytes]
 ) -> None:
     with pytest.raises(HttpError, match="certificate verify failed"):
-        await RangeConnection.open(reactor, "127.0.0.1", server.port, ssl_context(TlsSettings()), 5)
+        await RangeConnection.open(CLIENT, "127.0.0.1", server.port, ssl_context(TlsSettings()), 5)
     wrong = "AA:" * 19 + "AA"
     with pytest.raises(HttpError, match="does not match the pinned"):
         await RangeConnection.open(
-            reactor, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=wrong)), 5
+            CLIENT, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=wrong)), 5
         )
     right = thumbprint_of(certificate[2], "sha256")
     conn = await RangeConnection.open(
-        reactor, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=right)), 5
+        CLIENT, "127.0.0.1", server.port, ssl_context(TlsSettings(thumbprint=right)), 5
     )
     conn.close()
 
@@ -286,7 +289,7 @@ async def test_a_closed_port_is_an_http_error() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(HttpError, match=r"cannot connect to 127\.0\.0\.1"):
-        await RangeConnection.open(reactor, "127.0.0.1", port, ssl.create_default_context(), 5)
+        await RangeConnection.open(CLIENT, "127.0.0.1", port, ssl.create_default_context(), 5)
 
 
 @pytest_twisted.ensureDeferred
@@ -305,7 +308,7 @@ async def test_closing_the_reader_fails_a_read_still_connecting() -> None:
             has_parent=False,
         )
         reader = FolderReader(
-            reactor,
+            CLIENT,
             host="127.0.0.1",
             port=silent.getsockname()[1],
             datacenter="DC0",
