@@ -9,7 +9,6 @@ with the real client and the testbed is ``test_sha_e2e.py``.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 import pytest
@@ -76,6 +75,14 @@ def test_a_final_state_the_sha_missed_is_sent_after_a_restart(
     assert completions == 1
     daemon.stop()
     daemon.start()
-    time.sleep(1)  # room for a wrong re-send to arrive; a start sends what is pending at once
+    # A start sends what is pending at once: a wrong re-send would come before the
+    # final state of a job started after it.
+    later = job_ids("later")
+    sha.jobs(later, "pgtest1")
+    daemon.api.start(backup_body(later))
+    wait_for(
+        lambda: [p for p in pushes(sha, later) if p["status"] == "completed"],
+        "the final state of a job started after the restart",
+    )
     assert len(sha.requests(f"/api/v1/telemetry/backup/{missed}")) == taken
     assert len(sha.requests(f"/api/v1/backups/{done}/complete")) == completions
