@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 
 from sna.jobs.manager import JobManager
 from sna.jobs.store import IJobStore
-from sna.sbc.process import LogDirectory
+from sna.sbc.joblog import LogDirectory
 from sna.sha.hub import ShaHub
 from sna.vmware.interface import IVSphere
 

@@ -36,7 +36,9 @@ from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
 from sna.nbd.gateway import NbdGateway
 from sna.nbd.relay import RelayRegistry
-from sna.sbc.process import ClientCommand, LogDirectory, ProcessLauncher
+from sna.sbc.command import ClientCommand
+from sna.sbc.joblog import LogDirectory
+from sna.sbc.launcher import ProcessLauncher
 from sna.service import SnaService
 from sna.sha.client import ShaClient
 from sna.sha.hub import ShaHub

@@ -9,9 +9,10 @@ imports this module.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import attrs
 from twisted.internet import error as ierror
@@ -27,9 +28,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from sna.contract import ids
 from sna.jobs.leftovers import ILeftoverClients
 from sna.jobs.model import BackupRequest, Job
 from sna.jobs.store import IJobStore, OutboxRow, initial_state
@@ -37,20 +38,15 @@ from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import NbdAddress, ProbeFailed, ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.nbd.wire import ExportInfo
-from sna.sbc.parse import parser_for
-from sna.sbc.process import (
-    BackupClientProtocol,
-    ClientCommand,
-    ClientProcess,
-    ClientUnavailable,
-    IClientObserver,
-    IProcessLauncher,
-    JobLog,
-    LogDirectory,
-)
+from sna.sbc.command import ClientCommand, ClientUnavailable
+from sna.sbc.joblog import LogDirectory
+from sna.sbc.launcher import ClientProcess, ProcessLauncher
+from sna.sbc.protocol import IClientObserver
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message, final_messages
 from sna.vmware.interface import Credentials, IVSphere
+
+T = TypeVar("T")
 
 
 @implementer(IJobStore)
@@ -195,9 +191,16 @@ class FakeProcessReactor(Clock):
         return transport
 
 
-@implementer(IProcessLauncher)
-class FakeLauncher:
-    """Launches nothing: each job gets a :class:`FakeProcessTransport` to drive."""
+class FakeLauncher(ProcessLauncher):
+    """The real :class:`ProcessLauncher` over a :class:`FakeProcessReactor`: job log,
+    protocol, parser and masking as in production, but no process.
+
+    ``transports[job_id]`` is the :class:`FakeProcessTransport` of a job's client
+    and ``requests[job_id]`` the (relayed) request it was started with.  With
+    ``unavailable`` set, :meth:`check` and :meth:`launch` raise
+    :class:`ClientUnavailable` with that message.  ``dies_on`` is the signals the
+    clients started from now on exit on.
+    """
 
     def __init__(
         self,
@@ -206,37 +209,36 @@ class FakeLauncher:
         legacy: bool = False,
         dies_on: tuple[str, ...] = ("TERM", "KILL"),
     ) -> None:
-        self._clock = clock
-        self._log_dir = LogDirectory(log_dir, log_dir)
-        self.command = ClientCommand(("sendense-backup-client",), legacy)
+        self.reactor = FakeProcessReactor(dies_on)
+        logs = LogDirectory(log_dir, log_dir)
+        logs.resolve()
+        # A program that exists, so that ``executable()`` answers as for a real client.
+        command = ClientCommand((sys.executable,), legacy)
+        super().__init__(self.reactor, clock, command, logs, fixed_now, environ={})
         self.unavailable: Optional[str] = None
-        self.dies_on = dies_on
         self.transports: dict[str, FakeProcessTransport] = {}
         self.requests: dict[str, BackupRequest] = {}
-        self._pids = itertools.count(4000)
+
+    @property
+    def dies_on(self) -> tuple[str, ...]:
+        return self.reactor.dies_on
+
+    @dies_on.setter
+    def dies_on(self, signals: tuple[str, ...]) -> None:
+        self.reactor.dies_on = signals
 
     def check(self) -> None:
         if self.unavailable is not None:
             raise ClientUnavailable(self.unavailable)
+        super().check()
 
     def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
         self.check()
-        self._log_dir.current.makedirs(ignoreExistingDirectory=True)
-        job_log = JobLog(self._log_dir.current.child(ids.log_file_name(request.job_id)), fixed_now)
-        parser = parser_for(self.command.legacy)
-        protocol = BackupClientProtocol(
-            request.job_id,
-            observer,
-            job_log,
-            parser,
-            parser if self.command.legacy else None,
-            secrets=(request.vcenter_password,),
-        )
-        transport = FakeProcessTransport(protocol, next(self._pids), self.dies_on)
-        protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+        process = super().launch(request, observer)
+        transport, _, _ = self.reactor.spawned[-1]
         self.transports[request.job_id] = transport
         self.requests[request.job_id] = request
-        return ClientProcess(transport, protocol, self._clock)
+        return process
 
 
 @implementer(ITargetGateway)
@@ -352,6 +354,21 @@ class SteppingClock:
 
     def advance(self, seconds: float) -> None:
         self.value += timedelta(seconds=seconds)
+
+
+_TRIAL = SynchronousTestCase()
+
+
+def result_of(d: Deferred[T]) -> T:
+    """What a Deferred that has fired holds (trial's ``successResultOf``, without a TestCase)."""
+    return _TRIAL.successResultOf(d)
+
+
+def failure_of(d: Deferred[Any], *kinds: type[BaseException]) -> BaseException:
+    """The exception of a Deferred that has failed with one of ``kinds`` (trial's
+    ``failureResultOf``)."""
+    error: BaseException = _TRIAL.failureResultOf(d, *kinds).value
+    return error
 
 
 def fixed_now() -> datetime:

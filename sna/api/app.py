@@ -46,7 +46,7 @@ from sna.jobs.manager import (
     UnknownJob,
 )
 from sna.jobs.model import Job, JobStatus
-from sna.sbc.process import ClientUnavailable
+from sna.sbc.command import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
 from sna.vmware.interface import InvalidVSphereRequest, IVSphere, VSphereError
 

@@ -1,6 +1,6 @@
 """``sendense-backup-client``: one backup job, from a vSphere snapshot into NBD targets.
 
-The client is its own process, started by the daemon (`sna.sbc.process`) once
+The client is its own process, started by the daemon (`sna.sbc.launcher`) once
 per job; it shares no state with the daemon and reports to it only through
 JSON-line events on stdout (``docs/sbc-events.md``).  It talks to vCenter with
 pyVmomi directly (blocking calls on one worker thread) and never imports the

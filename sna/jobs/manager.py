@@ -4,7 +4,7 @@ The :class:`JobManager` is the only writer of job records.  It admits a
 request (no duplicate active job, no NBD port shared with another active job,
 no more than ``max_jobs``), asks the SHA for the disks' previous change IDs
 while it probes the targets, starts the client through an
-:class:`~sna.sbc.process.IProcessLauncher`, folds the client's events into the
+:class:`~sna.sbc.launcher.IProcessLauncher`, folds the client's events into the
 record, and persists it: at once on every status change, and at most once a
 second for progress.  An ended job's record is stored together with what the
 SHA must learn of it (:mod:`sna.sha`).
@@ -38,7 +38,8 @@ from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.sbc import events
-from sna.sbc.process import ClientProcess, IClientObserver, IProcessLauncher
+from sna.sbc.launcher import ClientProcess, IProcessLauncher
+from sna.sbc.protocol import IClientObserver
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message
 

@@ -180,7 +180,7 @@ class SparePool(Service):
         size: int = 1,
     ) -> None:
         """``executable`` is a callable giving the program's path (or raising, see
-        :meth:`sna.sbc.process.ClientCommand.executable`); ``prefix`` the
+        :meth:`sna.sbc.command.ClientCommand.executable`); ``prefix`` the
         arguments before ``standby``; ``env`` the spares' whole environment."""
         self._reactor = reactor
         self._clock = clock

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sna.sbc.process import PASSED_ENV, PASSWORD_ENV
+from sna.contract.argv import PASSWORD_ENV
+from sna.sbc.command import PASSED_ENV
 from tests.integration.harness import (
     Daemon,
     JobIds,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sna.contract.argv import PASSWORD_ENV
 from tests.unit.conftest import Harness, backup_body
 
 REQUIRED = [
@@ -28,12 +29,15 @@ def events(*lines: dict[str, Any]) -> bytes:
 def test_start_answers_like_the_go_sna(harness: Harness) -> None:
     code, body = harness.request("POST", "/api/v1/backup/start", backup_body())
     assert code == 200
+    # The pid is the spawned client's, as the launcher reports it.
+    pid = harness.launcher.transports["backup-pgtest1-1760099954"].pid
+    assert isinstance(pid, int)
     assert body == {
         "job_id": "backup-pgtest1-1760099954",
         "status": "started",
         "message": "Backup started for pgtest1",
         "started_at": "2026-11-26T12:00:00Z",
-        "pid": 4000,
+        "pid": pid,
     }
     # The client writes through the relays; the job remembers the hub's ports.
     request = harness.launcher.requests["backup-pgtest1-1760099954"]
@@ -491,6 +495,26 @@ def test_password_never_in_answers_or_records(harness: Harness) -> None:
     ):
         assert "s3cret-P@ss" not in json.dumps(harness.request("GET", path)[1])
     assert "s3cret-P@ss" not in json.dumps(harness.store.jobs)
+
+
+def test_the_client_gets_the_password_in_its_environment_and_echoes_it_masked(
+    harness: Harness,
+) -> None:
+    """The real launcher's wiring, over a reactor that spawns nothing."""
+    job = "backup-pgtest1-1760099954"
+    harness.request("POST", "/api/v1/backup/start", backup_body())
+    [(transport, args, env)] = harness.launcher.reactor.spawned
+    assert transport is harness.launcher.transports[job]
+    assert args[1:] == harness.launcher.command.arguments(harness.launcher.requests[job])
+    assert env[PASSWORD_ENV] == "s3cret-P@ss"
+    assert not any("s3cret-P@ss" in word for word in args)
+    transport.protocol.errReceived(b"Error: login with s3cret-P@ss refused\n")
+    transport.exit(1)
+    body = harness.request("GET", f"/api/v1/status/{job}")[1]
+    assert body["error"] == "backup client exited with code 1: Error: login with ******** refused"
+    log = harness.launcher.log_path(job).getContent().decode()
+    assert "stderr Error: login with ******** refused" in log
+    assert "s3cret-P@ss" not in log
 
 
 def test_previous_change_ids_per_disk(harness: Harness) -> None:

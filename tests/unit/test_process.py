@@ -16,20 +16,15 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from sna.backup.options import parse_args
+from sna.contract.argv import PASSWORD_ENV
+from sna.jobs.leftovers import is_client_of
 from sna.jobs.model import BackupRequest, NbdTarget
 from sna.sbc import events
+from sna.sbc.command import ClientCommand, ClientUnavailable
+from sna.sbc.joblog import JobLog, LogDirectory
+from sna.sbc.launcher import ProcessLauncher
 from sna.sbc.parse import JsonLineParser
-from sna.sbc.process import (
-    PASSWORD_ENV,
-    BackupClientProtocol,
-    ClientCommand,
-    ClientUnavailable,
-    IClientObserver,
-    JobLog,
-    LogDirectory,
-    ProcessLauncher,
-    is_client_of,
-)
+from sna.sbc.protocol import BackupClientProtocol, IClientObserver
 from sna.testing import FakeProcessReactor, fixed_now
 
 REQUEST = BackupRequest(

@@ -12,13 +12,9 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from sna.contract import standby
-from sna.sbc.process import (
-    ClientCommand,
-    ClientUnavailable,
-    JobLog,
-    LogDirectory,
-    ProcessLauncher,
-)
+from sna.sbc.command import ClientCommand, ClientUnavailable
+from sna.sbc.joblog import JobLog, LogDirectory
+from sna.sbc.launcher import ProcessLauncher
 from sna.sbc.spare import MAX_AGE, MAX_FAILURES, RETRY_DELAY, STOP_GRACE, SparePool
 from sna.testing import FakeProcessReactor, FakeProcessTransport, fixed_now
 from tests.unit.test_process import REQUEST, Recorder

@@ -1,0 +1,148 @@
+"""The ProcessProtocol of a job's client: lines in, events and the exit out.
+
+:class:`BackupClientProtocol` splits the child's two streams into bounded
+lines (:data:`MAX_LINE`), masks secrets (:data:`MASK`), writes each line to
+the job log, parses it into :mod:`sna.sbc.events` and tells an
+:class:`IClientObserver`; at the exit it names the line that explains a
+failure (:data:`_ERROR_LINE`, else the last stderr line).  It neither starts
+nor stops a process, and knows no job record: that is the observer's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Optional
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from sna.contract import events as contract
+from sna.sbc import events
+from sna.sbc.joblog import JobLog
+from sna.sbc.parse import ILineParser
+
+#: Lines that say what went wrong, preferred over the last line (a Go panic is
+#: followed by its goroutine dump, a cobra error by the usage text).
+_ERROR_LINE = re.compile(
+    r"^(panic: |fatal error: |Error: |Traceback |[A-Za-z_.]*(Error|Exception): )"
+    r"|level=(error|fatal|panic)\b"
+)
+
+MASK = contract.MASK
+
+#: Lines longer than this are cut: a runaway child must not grow our memory.
+MAX_LINE = 64 * 1024
+
+
+class IClientObserver(Interface):
+    """Told what one backup-client process does."""
+
+    def event_received(event: events.Event) -> None:
+        """The client reported ``event``."""
+
+    def process_ended(
+        exit_code: Optional[int], exit_signal: Optional[int], last_output: Optional[str]
+    ) -> None:
+        """The process has exited and been reaped."""
+
+
+class _Lines:
+    """Split a byte stream into decoded lines, bounding what one line may hold."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buffer += data
+        *complete, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_LINE:
+            complete.append(self._buffer[:MAX_LINE])
+            self._buffer = b""
+        return [line[:MAX_LINE].decode("utf-8", "replace").rstrip("\r") for line in complete]
+
+    def rest(self) -> list[str]:
+        rest, self._buffer = self._buffer, b""
+        return [rest.decode("utf-8", "replace")] if rest else []
+
+
+class BackupClientProtocol(ProcessProtocol):
+    """Lines in, events and the exit out; nothing else."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        job_id: str,
+        observer: IClientObserver,
+        job_log: JobLog,
+        stdout_parser: ILineParser,
+        stderr_parser: Optional[ILineParser],
+        secrets: Sequence[str] = (),
+    ) -> None:
+        self.job_id = job_id
+        # A client may echo its password (in an error, a URL, a traceback): every
+        # line is masked before it is logged, parsed or kept.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._observer = observer
+        self._job_log = job_log
+        self._parsers = {"stdout": stdout_parser, "stderr": stderr_parser}
+        self._lines = {"stdout": _Lines(), "stderr": _Lines()}
+        self.last_output: Optional[str] = None
+        self.last_error_line: Optional[str] = None
+        self.ended: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        for line in self._lines["stdout"].feed(data):
+            self._line("stdout", line)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in self._lines["stderr"].feed(data):
+            self._line("stderr", line)
+
+    def _line(self, stream: str, line: str) -> None:
+        for secret in self._secrets:
+            line = line.replace(secret, MASK)
+        self._job_log.write(stream, line)
+        parser = self._parsers[stream]
+        if parser is not None:
+            for event in parser.parse(line):
+                self._observer.event_received(event)
+        if stream == "stderr" and line.strip():
+            self.last_output = line.strip()
+            if _ERROR_LINE.search(line):
+                self.last_error_line = self.last_output
+
+    def processEnded(self, reason: Failure) -> None:
+        for stream, lines in self._lines.items():
+            for line in lines.rest():
+                self._line(stream, line)
+        exit_code: Optional[int] = None
+        exit_signal: Optional[int] = None
+        if reason.check(ierror.ProcessDone):
+            exit_code = 0
+        elif isinstance(reason.value, ierror.ProcessTerminated):
+            exit_code = reason.value.exitCode
+            exit_signal = reason.value.signal
+        self._job_log.write("sna", f"process ended: exit_code={exit_code} signal={exit_signal}")
+        self._job_log.close()
+        self.log.info(
+            "backup client of job {job_id} ended: exit code {exit_code}, signal {exit_signal}",
+            job_id=self.job_id,
+            exit_code=exit_code,
+            exit_signal=exit_signal,
+        )
+        try:
+            self._observer.process_ended(
+                exit_code, exit_signal, self.last_error_line or self.last_output
+            )
+        finally:
+            self.ended.callback(None)
