@@ -25,7 +25,7 @@ from sna.contract import events as contract
 log = Logger()
 
 MAX_TEXT = contract.MAX_TEXT
-MASK = "********"
+MASK = contract.MASK
 
 Value = Union[str, int, float, bool, None]
 

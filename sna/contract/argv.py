@@ -229,7 +229,10 @@ def read(args: argparse.Namespace, environ: Mapping[str, str]) -> JobArguments:
         targets=targets,
         job_id=job_id,
         backup_type=args.backup_type,
-        previous_change_id=(args.previous_change_id or "").strip() or None,
+        # As the daemon has it (a blank one is none): never rewritten.
+        previous_change_id=args.previous_change_id
+        if (args.previous_change_id or "").strip()
+        else None,
         previous_change_ids=tuple(sorted((k, str(v)) for k, v in change_ids.items())),
         previous_capacities=tuple(
             sorted((k, v) for k, v in capacities.items() if isinstance(v, int))

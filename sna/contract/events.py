@@ -26,6 +26,9 @@ MAX_TEXT = 4096
 #: Longest change ID; VMware's are about 60 characters.
 MAX_CHANGE_ID = 256
 SYNC_TYPES = frozenset({"full", "incremental"})
+#: What a secret (the vCenter password) reads as wherever it would be shown: events,
+#: the job log, a job's error, the daemon's log.
+MASK = "********"
 DISK_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PHASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 

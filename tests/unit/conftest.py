@@ -19,7 +19,14 @@ from sna.jobs.manager import JobManager
 from sna.jobs.model import BackupRequest, Job
 from sna.nbd.relay import RelayRegistry
 from sna.telemetry.metrics import Metrics
-from sna.testing import FakeGateway, FakeLauncher, FakeVSphere, MemoryJobStore, SteppingClock
+from sna.testing import (
+    FakeGateway,
+    FakeLauncher,
+    FakeVSphere,
+    MemoryJobStore,
+    SteppingClock,
+    result_of,
+)
 
 
 @attrs.define
@@ -47,23 +54,14 @@ class Harness:
         hdrs.update(headers or {})
         d = self.treq.request(method, "http://sna" + path, data=data, headers=hdrs)
         self.treq.flush()
-        response = _result(d)
-        content = _result(response.content())
+        response = result_of(d)
+        content = result_of(response.content())
         return response.code, json.loads(content) if content else None
-
-
-def _result(d: Any) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "request did not complete"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def started(manager: JobManager, request: BackupRequest) -> Job:
     """Run ``manager.start`` to its end (every fake fires at once)."""
-    return _result(ensureDeferred(manager.start(request)))
+    return result_of(ensureDeferred(manager.start(request)))
 
 
 def backup_body(**overrides: Any) -> dict[str, Any]:

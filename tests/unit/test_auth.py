@@ -11,13 +11,14 @@ from twisted.python import usage
 
 from sna.api.auth import BearerTokenAuthorization
 from sna.tap import Options, _loopback_only
-from tests.unit.conftest import Harness, _result
+from sna.testing import result_of
+from tests.unit.conftest import Harness
 
 
 def call(stub: StubTreq, path: str, token: str | None = None) -> tuple[int, dict[str, object]]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    response = _result(stub.get("http://sna" + path, headers=headers))
-    return response.code, json.loads(_result(response.content()))
+    response = result_of(stub.get("http://sna" + path, headers=headers))
+    return response.code, json.loads(result_of(response.content()))
 
 
 def test_token_required_except_for_health(harness: Harness) -> None:
@@ -28,19 +29,19 @@ def test_token_required_except_for_health(harness: Harness) -> None:
     assert call(stub, "/api/v1/jobs", "t0ken") == (200, {"jobs": [], "count": 0})
     assert call(stub, "/api/v1/health")[0] == 200
     assert call(stub, "/api/v1/status/x", "t0ken")[0] == 404
-    response = _result(
+    response = result_of(
         stub.get("http://sna/api/v1/jobs", headers={"Authorization": "bearer t0ken"})
     )
     assert response.code == 200
-    response = _result(stub.get("http://sna/api/v1/jobs", headers={"Authorization": "t0ken"}))
+    response = result_of(stub.get("http://sna/api/v1/jobs", headers={"Authorization": "t0ken"}))
     assert response.code == 401
 
 
 def test_the_go_clients_pushes_from_loopback_need_no_token(harness: Harness) -> None:
     stub = StubTreq(BearerTokenAuthorization(harness.api.resource(), b"t0ken"))
-    response = _result(stub.post("http://sna/api/v1/progress/j1/update", json={"stage": "x"}))
+    response = result_of(stub.post("http://sna/api/v1/progress/j1/update", json={"stage": "x"}))
     assert response.code == 404  # past auth: the job does not exist
-    response = _result(stub.post("http://sna/api/v1/jobs/j1/cancel"))
+    response = result_of(stub.post("http://sna/api/v1/jobs/j1/cancel"))
     assert response.code == 401
 
 

@@ -12,7 +12,7 @@ from sna.api import validation
 from sna.backup.options import parse_args
 from sna.config import Settings
 from sna.contract import argv, disks, ids, targets, vcenter
-from sna.sbc.process import ClientCommand
+from sna.sbc.command import ClientCommand
 
 SHA_IDS = [
     "backup-pgtest1-1760099954",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.filepath import FilePath
@@ -18,6 +18,7 @@ from sna.config import Settings
 from sna.jobs.manager import JobManager, ManagedJob, PortInUse, ShuttingDown, Stage
 from sna.jobs.model import BackupRequest, InvalidTransition, Job, JobStatus
 from sna.nbd.relay import RelayStats
+from sna.sbc.command import ClientUnavailable
 from sna.testing import (
     FakeGateway,
     FakeHub,
@@ -25,6 +26,7 @@ from sna.testing import (
     FakeLeftoverClients,
     MemoryJobStore,
     SteppingClock,
+    failure_of,
 )
 from tests.unit.conftest import started
 from tests.unit.test_model import T0, make_job
@@ -86,8 +88,7 @@ def test_shutdown_stops_clients_and_marks_jobs_interrupted(tmp_path: Path) -> No
     job = store.load_all()[0]
     assert job.status is JobStatus.INTERRUPTED
     assert job.exit_signal == 9
-    with pytest.raises(ShuttingDown):
-        started(manager, REQUEST)
+    failure_of(ensureDeferred(manager.start(REQUEST)), ShuttingDown)
 
 
 def test_progress_is_written_at_most_once_a_second(tmp_path: Path) -> None:
@@ -125,8 +126,8 @@ def test_a_failed_launch_restores_the_previous_record(tmp_path: Path) -> None:
     started(manager, REQUEST)
     launcher.transports[REQUEST.job_id].exit(1)
     launcher.unavailable = "gone"
-    with pytest.raises(Exception, match="gone"):
-        started(manager, REQUEST)
+    refused = failure_of(ensureDeferred(manager.start(REQUEST)), ClientUnavailable)
+    assert "gone" in str(refused)
     assert manager.get(REQUEST.job_id).status is JobStatus.FAILED
 
 
@@ -160,8 +161,8 @@ def test_ports_of_a_leftover_client_stay_taken_until_it_is_gone(tmp_path: Path) 
     recovered: list[object] = []
     manager.recover().addBoth(recovered.append)
     assert leftovers.asked == [(4242, REQUEST.job_id, "spare-1", 5.0)]
-    with pytest.raises(PortInUse, match="interrupted job"):
-        started(manager, REQUEST)
+    refused = failure_of(ensureDeferred(manager.start(REQUEST)), PortInUse)
+    assert "interrupted job" in str(refused)
     assert not recovered
     leftovers.gone(4242)
     assert recovered == [[(True, True)]]

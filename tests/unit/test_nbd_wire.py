@@ -15,7 +15,6 @@ from typing import Any, Optional
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -60,6 +59,7 @@ from sna.nbd.wire import (
     SessionEnded,
     SimpleReply,
 )
+from sna.testing import failure_of, result_of
 
 MiB = 1024 * 1024
 #: What qemu-nbd 7.2 sends for a writable qcow2 with --shared=1 (verified).
@@ -579,20 +579,6 @@ def open_client(
     info = result_of(protocol.ready)
     assert isinstance(info, ExportInfo)
     return NBDClient(protocol, info), protocol, transport, Server(transport)
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    outcome: list[Any] = []
-    d.addBoth(outcome.append)
-    assert outcome, "the Deferred has not fired"
-    return outcome[0]
-
-
-def failure_of(d: Deferred[Any], kind: type[BaseException]) -> BaseException:
-    outcome = result_of(d)
-    assert isinstance(outcome, Failure), f"expected a failure, got {outcome!r}"
-    assert outcome.check(kind), outcome
-    return outcome.value
 
 
 def test_replies_out_of_order_reach_their_requests() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any, Optional, cast
+from typing import Optional, cast
 
 import attrs
 import pytest
@@ -29,6 +29,7 @@ from sna.nbd.relay import (
     RelayRegistry,
 )
 from sna.nbd.wire import Command, encode_request
+from sna.testing import result_of
 
 TARGET_PORT = 10809
 MiB = 1 << 20
@@ -87,15 +88,6 @@ class Rig:
         side = self.accept()
         self.connect_upstream(side)
         return side
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture
