@@ -111,26 +111,32 @@ class EventWriter:
         self, disk_key: str, sync_type: str, sync_reason: str, bytes_total: int, **extra: Value
     ) -> None:
         """What one disk's copy will do, sent for every disk before any is copied."""
-        if disk_key in self._planned or disk_key in self._started:
-            raise RuntimeError(f"disk_plan for disk {disk_key} after its plan or start")
-        self._planned.add(disk_key)
-        self.emit(
-            contract.DISK_PLAN,
-            disk_key=disk_key,
-            sync_type=sync_type,
-            sync_reason=sync_reason,
-            bytes_total=bytes_total,
-            **extra,
-        )
+        self._once(contract.DISK_PLAN, self._planned, disk_key)
+        self._disk(contract.DISK_PLAN, disk_key, sync_type, sync_reason, bytes_total, extra)
 
     def disk_start(
         self, disk_key: str, sync_type: str, sync_reason: str, bytes_total: int, **extra: Value
     ) -> None:
-        if disk_key in self._started:
-            raise RuntimeError(f"disk_start for disk {disk_key} was already sent")
-        self._started.add(disk_key)
+        self._once(contract.DISK_START, self._started, disk_key)
+        self._disk(contract.DISK_START, disk_key, sync_type, sync_reason, bytes_total, extra)
+
+    def _once(self, event: str, sent: set[str], disk_key: str) -> None:
+        # A plan comes before the disk's start, and each comes once.
+        if disk_key in sent or disk_key in self._started:
+            raise RuntimeError(f"{event} for disk {disk_key} after its {event} or start")
+        sent.add(disk_key)
+
+    def _disk(
+        self,
+        event: str,
+        disk_key: str,
+        sync_type: str,
+        sync_reason: str,
+        bytes_total: int,
+        extra: dict[str, Value],
+    ) -> None:
         self.emit(
-            contract.DISK_START,
+            event,
             disk_key=disk_key,
             sync_type=sync_type,
             sync_reason=sync_reason,

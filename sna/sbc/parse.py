@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 from zope.interface import Interface, implementer
 
@@ -154,26 +154,26 @@ def _optional_disk_key(obj: Mapping[str, object], key: str) -> Optional[str]:
     return None if value is None else _disk_key(value)
 
 
+def _disk_fields(obj: Mapping[str, object], total_required: bool) -> dict[str, Any]:
+    """What ``disk_plan`` and ``disk_start`` carry alike."""
+    return {
+        "disk_key": _disk_key(_required(obj, "disk_key")),
+        "sync_type": _sync_type(obj),
+        "sync_reason": _text(obj, "sync_reason"),
+        "bytes_total": _count(_required(obj, "bytes_total"))
+        if total_required
+        else _optional_count(obj, "bytes_total"),
+        "vmware_disk_key": _optional_disk_key(obj, "vmware_disk_key"),
+        "capacity_bytes": _optional_count(obj, "capacity_bytes"),
+    }
+
+
 def _disk_plan_event(obj: Mapping[str, object]) -> Event:
-    return events.DiskPlan(
-        disk_key=_disk_key(_required(obj, "disk_key")),
-        sync_type=_sync_type(obj),
-        bytes_total=_count(_required(obj, "bytes_total")),
-        sync_reason=_text(obj, "sync_reason"),
-        vmware_disk_key=_optional_disk_key(obj, "vmware_disk_key"),
-        capacity_bytes=_optional_count(obj, "capacity_bytes"),
-    )
+    return events.DiskPlan(**_disk_fields(obj, total_required=True))
 
 
 def _disk_start_event(obj: Mapping[str, object]) -> Event:
-    return events.DiskStart(
-        disk_key=_disk_key(_required(obj, "disk_key")),
-        sync_type=_sync_type(obj),
-        sync_reason=_text(obj, "sync_reason"),
-        bytes_total=_optional_count(obj, "bytes_total"),
-        vmware_disk_key=_optional_disk_key(obj, "vmware_disk_key"),
-        capacity_bytes=_optional_count(obj, "capacity_bytes"),
-    )
+    return events.DiskStart(**_disk_fields(obj, total_required=False))
 
 
 def _progress_event(obj: Mapping[str, object]) -> Event:
