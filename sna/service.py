@@ -3,12 +3,18 @@
 :class:`SnaService` is the top ``MultiService``.  On start it settles the
 directories and loads the store (jobs a dead daemon left ``running`` become
 ``interrupted``, their leftover clients are stopped and their ports kept
-until they are gone) before its children start listening.  On stop it stops listening
-first, then stops every backup client (TERM, then KILL) and closes the store.
+until they are gone) before its children start listening.  A state directory
+that cannot be created or written (read-only, no permission), a job database
+that cannot be opened, or no directory for job logs stops it with one line
+naming the directory and the reason (:class:`CannotStart`); a full one does not:
+it starts, and no job starts until there is room (the manager's
+``storage_problem``).  On stop it stops listening first, then stops every
+backup client (TERM, then KILL) and closes the store.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Optional
 
 from twisted.application.internet import TimerService
@@ -20,8 +26,8 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from sna.jobs.manager import JobManager
-from sna.jobs.store import IJobStore
-from sna.sbc.joblog import LogDirectory
+from sna.jobs.store import IJobStore, StoreError
+from sna.sbc.joblog import LogDirectory, check_writable
 from sna.sha.hub import ShaHub
 from sna.vmware.interface import IVSphere
 
@@ -30,6 +36,21 @@ SHA_PUSH_GRACE = 5.0
 
 #: How often finished jobs past the retention period are forgotten.
 PRUNE_INTERVAL = 3600.0
+
+
+#: Errors of a full disk: space may come back while sna runs.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CannotStart(SystemExit):
+    """sna cannot run here; the message says why, on one line.
+
+    A :class:`SystemExit`: twistd lets it through, and Python prints its
+    message, not a traceback, and exits 1.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"sna cannot start: {reason}")
 
 
 class SnaService(MultiService):
@@ -61,10 +82,17 @@ class SnaService(MultiService):
         pruning.setServiceParent(self)
 
     def startService(self) -> None:
-        self._state_dir.makedirs(ignoreExistingDirectory=True)
-        self._log_dir.resolve()
+        self._check_state_dir()
+        try:
+            self._log_dir.resolve()
+        except RuntimeError as e:
+            raise CannotStart(str(e)) from None
         self._pool.start()
-        self.recovered = self.manager.recover()
+        try:
+            self.recovered = self.manager.recover()
+        except StoreError as e:
+            self._pool.stop()
+            raise CannotStart(e.message) from None
         if self._hub is not None:
             # Telemetry of the jobs to come, and what an earlier run could not deliver.
             self._hub.start()
@@ -74,6 +102,25 @@ class SnaService(MultiService):
             logs=self._log_dir.current.path,
         )
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _check_state_dir(self) -> None:
+        path = self._state_dir.path
+        try:
+            self._state_dir.makedirs(ignoreExistingDirectory=True)
+        except OSError as e:
+            raise CannotStart(f"cannot create the state directory {path}: {e.strerror}") from None
+        try:
+            check_writable(self._state_dir)
+        except OSError as e:
+            if e.errno not in _FULL:
+                raise CannotStart(
+                    f"cannot write to the state directory {path}: {e.strerror}"
+                ) from None
+            self.log.error(
+                "cannot write to the state directory {path}: {reason}; no job starts until it can",
+                path=path,
+                reason=e.strerror,
+            )
 
     def stopService(self) -> Deferred[None]:
         d = maybeDeferred(super().stopService)
@@ -89,7 +136,10 @@ class SnaService(MultiService):
             if self._hub is not None:
                 self._hub.stop()
             self._pool.stop()
-            self._store.close()
+            try:
+                self._store.close()
+            except StoreError as e:
+                self.log.error("{reason}", reason=e.message)
             self.log.info("sna stopped")
 
         return d.addBoth(closed)

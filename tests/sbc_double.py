@@ -52,6 +52,17 @@ The last path component of ``--vmware-path`` (the VM name) picks the behaviour:
     connection, with a ``progress`` event per piece.  If ``nbdcopy`` dies
     (its server went away) it stops feeding it and fails as ``write`` does.
 
+``gate``
+    a phase and the first disk's first ``progress``, then waits until the
+    file :func:`gate_path` of its job id exists (a test creates it when it
+    has set the scene, a full disk say), then goes on as ``ok``; exit 0.
+``echo``
+    prints the vCenter password it was given (from its environment) in every
+    form a client might: raw, JSON-escaped with and without ``ensure_ascii``
+    (in ``phase`` messages and an ``error`` event),
+    URL-encoded (``quote`` and ``quote_plus``), shell-quoted, as a Python
+    ``repr`` and a bytes ``repr``, on both streams; then an error line; exit 1.
+
 Started as ``sbc_double.py standby --spare-id ID`` it is a spare, as the
 real client is (``sna/contract/standby.py``): it prints the ready line, reads the job
 (argv and added environment) from stdin, then runs it as above.
@@ -68,12 +79,14 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -449,6 +462,64 @@ def quote(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def gate_path(job_id: str) -> Path:
+    """The file a ``gate`` double waits for (in ``$TMPDIR``, which sna passes on)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
+    return Path(tempfile.gettempdir()) / f"sbc-double-gate-{safe}"
+
+
+def run_gate(job_id: str, targets: list[Target]) -> int:
+    first = targets[0] if targets else Target(0, "2000", "nbd://127.0.0.1:10100/disk0")
+    emit("phase", phase="transfer", message=f"copying {len(targets)} disk(s)")
+    emit(
+        "progress",
+        disk_key=first.disk_key,
+        bytes_done=first.bytes_total // 4,
+        bytes_total=first.bytes_total,
+        throughput_bps=1048576.0,
+    )
+    log(f"sbc-double: waiting for {gate_path(job_id)}")
+    while not gate_path(job_id).exists():
+        time.sleep(0.05)
+    return run_ok(job_id, targets)
+
+
+def password_forms(password: str) -> list[str]:
+    """The password as clients print it: raw, escaped, encoded, quoted."""
+    return [
+        password,
+        json.dumps(password)[1:-1],
+        json.dumps(password, ensure_ascii=False)[1:-1],
+        urllib.parse.quote(password),
+        urllib.parse.quote(password, safe=""),
+        urllib.parse.quote_plus(password),
+        shlex.quote(password),
+        repr(password),
+        ascii(password),
+        repr(password.encode("utf-8")),
+    ]
+
+
+def run_echo(job_id: str, targets: list[Target]) -> int:
+    password = os.environ.get(PASSWORD_ENV, "")
+    forms = password_forms(password)
+    emit("phase", phase="snapshot", message="connecting as admin:" + " ".join(forms))
+    first = targets[0] if targets else Target(0, "2000", "nbd://127.0.0.1:10100/disk0")
+    emit("progress", disk_key=first.disk_key, bytes_done=1, bytes_total=first.bytes_total)
+    for ascii_only in (True, False):
+        line = json.dumps(
+            {"event": "phase", "phase": "transfer", "message": f"password={password}"},
+            ensure_ascii=ascii_only,
+        )
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    for form in forms:
+        log(f"sbc-double: login https://admin:{form}@vcenter/sdk failed, password {form}")
+    emit("error", message=f"login failed for password {password!r} ({json.dumps(password)})")
+    log(f"Error: cannot log in with password {password}")
+    return 1
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sbc_double.py", description="backup-client test double")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -464,7 +535,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-MODES = ("ok", "fail", "slow", "hang", "stubborn", "legacy", "crash", "write", "slowwrite")
+MODES = (
+    "ok",
+    "fail",
+    "slow",
+    "hang",
+    "stubborn",
+    "legacy",
+    "crash",
+    "write",
+    "slowwrite",
+    "gate",
+    "echo",
+)
 
 
 #: Name prefix of the memfd a spare double holds once it has a job.
@@ -529,6 +612,10 @@ def main(argv: list[str]) -> int:
         return run_ok(job_id, targets, steps=10, pause=0.2)
     if mode in ("write", "slowwrite"):
         return run_write(job_id, targets, slowly=mode == "slowwrite")
+    if mode == "gate":
+        return run_gate(job_id, targets)
+    if mode == "echo":
+        return run_echo(job_id, targets)
     return run_ok(job_id, targets)
 
 

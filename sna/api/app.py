@@ -42,6 +42,7 @@ from sna.jobs.manager import (
     JobManager,
     ShaLookupFailed,
     ShuttingDown,
+    StorageUnavailable,
     TargetUnreachable,
     UnknownJob,
 )
@@ -56,6 +57,7 @@ _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (AtCapacity, 503),
     (ShuttingDown, 503),
     (ShaLookupFailed, 502),
+    (StorageUnavailable, 503),
 ]
 
 
@@ -137,7 +139,7 @@ class SnaAPI:
     def _job_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, JobError)
-        status = next(code for kind, code in _JOB_ERROR_STATUS if isinstance(error, kind))
+        status = next((code for kind, code in _JOB_ERROR_STATUS if isinstance(error, kind)), 500)
         return json_response(request, {"error": error.code, "message": error.message}, status)
 
     @app.handle_errors(ClientUnavailable)
@@ -252,8 +254,11 @@ class SnaAPI:
     def health(self, request: IRequest) -> bytes:
         uptime = self._monotonic() - self._started
         counts = self._manager.counts()
+        problem = self._manager.storage_problem()
         body = {
-            "status": "healthy",
+            # Still 200: the daemon is up and answers; what it cannot do is said here.
+            "status": "degraded" if problem is not None else "healthy",
+            "reason": problem,
             "version": __version__,
             "timestamp": render.timestamp_seconds(self._now()),
             "uptime": _format_uptime(uptime),

@@ -9,6 +9,14 @@ record, and persists it: at once on every status change, and at most once a
 second for progress.  An ended job's record is stored together with what the
 SHA must learn of it (:mod:`sna.sha`).
 
+Storage runs out: a write the store refuses (:class:`~sna.jobs.store.StoreError`)
+never stops a job or an answer.  The record, and the SHA's messages in order,
+are kept in memory and written with the job's next write, or tried again every
+:data:`WRITE_RETRY` seconds; the SHA hears of an ended job once they are
+stored.  While anything is unwritten, or the state or log directory cannot
+take a write, :meth:`JobManager.storage_problem` says why and no job starts
+(:class:`StorageUnavailable`).
+
 Each job in its hands is one :class:`ManagedJob`: its record and all that is
 in flight for it (the requests, the client, the pending write, its relays
 closing, a killed client's snapshot removal, a dead daemon's client being
@@ -31,20 +39,23 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sna.config import ConfigError, Settings
+from sna.contract.secrets import Masker
 from sna.jobs.leftovers import ILeftoverClients, LeftoverClients
 from sna.jobs.model import BackupRequest, InvalidTransition, Job, JobStatus, PushedProgress
-from sna.jobs.store import IJobStore
+from sna.jobs.store import IJobStore, IStorageCheck, StoreError
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.sbc import events
-from sna.sbc.launcher import ClientProcess, IProcessLauncher
+from sna.sbc.launcher import ClientProcess, IProcessLauncher, JobLogUnwritable
 from sna.sbc.protocol import IClientObserver
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message
 
 #: Progress is written to the database at most this often per job.
 SAVE_INTERVAL = 1.0
+#: Seconds between tries to write what the database refused.
+WRITE_RETRY = 5.0
 
 
 class JobError(Exception):
@@ -110,6 +121,12 @@ class ShuttingDown(JobError):
     code = "shutting_down"
 
 
+class StorageUnavailable(JobError):
+    """The state or log directory cannot be written: nothing is started or changed."""
+
+    code = "storage_unavailable"
+
+
 class Stage(enum.Enum):
     """How far a job is in the manager's hands (see :class:`ManagedJob`)."""
 
@@ -151,6 +168,18 @@ class ManagedJob:
     save_call: Optional[IDelayedCall] = None
     #: What must fire before it settles: relays closing, a snapshot removal, a client's end.
     waits: list[Deferred[Any]] = attrs.Factory(list)
+    #: Its record is newer than the stored one: the store refused the last write.
+    unsaved: bool = False
+    #: Messages for the SHA not stored yet, in order: they go with the next write.
+    unsent: list[Message] = attrs.Factory(list)
+    #: What an earlier job of its id still owed the SHA is to be dropped before its
+    #: record is next written.
+    forget_outbox: bool = False
+    #: Set while the SHA is to hear of its end once its messages are stored: what
+    #: delivery waits for (its relays closing).
+    hub_gate: Optional[Deferred[Any]] = None
+    #: The status of its record in the store, ``None`` if none was ever written.
+    stored_status: Optional[JobStatus] = None
 
     @classmethod
     def admitted(cls, request: BackupRequest) -> ManagedJob:
@@ -158,7 +187,7 @@ class ManagedJob:
 
     @classmethod
     def stored(cls, job: Job) -> ManagedJob:
-        return cls(job.job_id, Stage.SETTLED, job=job)
+        return cls(job.job_id, Stage.SETTLED, job=job, stored_status=job.status)
 
     @property
     def job(self) -> Job:
@@ -303,6 +332,10 @@ class JobManager:
         #: yet), and ended ones whose id a newer job has taken.
         self._live: list[ManagedJob] = []
         self._stopping = False
+        #: Jobs whose record the store refused, oldest first, and why it did.
+        self._unsaved: list[ManagedJob] = []
+        self._write_problem: Optional[str] = None
+        self._retry_call: Optional[IDelayedCall] = None
 
     # -- lifecycle ------------------------------------------------------
 
@@ -321,8 +354,11 @@ class JobManager:
                 job = managed.job = job.interrupted(
                     self._now(), "sna stopped while the job was running"
                 )
-                # The hub delivers stored messages when it starts.
-                self._save_now(managed, self._ended_messages(job))
+                # The hub delivers stored messages when it starts; ones stored later
+                # are its to deliver then.
+                saved = self._save_now(managed, self._ended_messages(job))
+                if not saved and self.hub is not None:
+                    managed.hub_gate = succeed(None)
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
                 if job.pid:
                     leftovers.append(self._stop_leftover(managed))
@@ -361,7 +397,11 @@ class JobManager:
             if not j.status.active and (j.ended_at or j.last_update) < cutoff
         ]
         if old:
-            self._store.delete(old)
+            try:
+                self._store.delete(old)
+            except StoreError as e:
+                self.log.warn("cannot forget old jobs: {reason}", reason=e.message)
+                return []
             for job_id in old:
                 del self._jobs[job_id]
             self.log.info(
@@ -386,9 +426,41 @@ class JobManager:
             # Every job has ended by now, so each relay is closing; wait for them,
             # and for the snapshots of clients that had to be killed.
             waits = [w for m in self._live if m.stage is Stage.ENDING for w in m.waits]
-            return DeferredList(waits, consumeErrors=True)
+            return DeferredList(waits, consumeErrors=True).addBoth(self._last_writes)
 
         return d.addBoth(flushed)
+
+    def _last_writes(self, result: object) -> None:
+        """One more try of what the store refused, and what is lost said of each job."""
+        self._retry_writes()
+        call, self._retry_call = self._retry_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for managed in self._unsaved:
+            job = managed.job
+            if managed.stored_status is None:
+                after = "it will not be known"
+            elif managed.stored_status.active:
+                after = "it will show as interrupted"
+            else:
+                after = f"it will show as {managed.stored_status.value}, as last written"
+            change_ids = "; ".join(
+                f"disk {d.disk_index} (target {d.disk_key}): {d.change_id}"
+                for d in job.disks
+                if d.change_id
+            )
+            self.log.error(
+                "job {job_id} {status}, but its record could not be written ({problem}): "
+                "after a restart {after}; {sha}change IDs: {change_ids}",
+                job_id=job.job_id,
+                status=job.status.value,
+                problem=self._write_problem,
+                after=after,
+                sha=f"{len(managed.unsent)} message(s) for the SHA are lost; "
+                if managed.unsent
+                else "",
+                change_ids=change_ids or "none",
+            )
 
     # -- queries --------------------------------------------------------
 
@@ -426,6 +498,23 @@ class JobManager:
 
     def active_jobs(self) -> list[Job]:
         return [j for j in self._all() if j.status.active]
+
+    def storage_problem(self) -> Optional[str]:
+        """Why jobs cannot be recorded or logged now, or ``None``.
+
+        A record the store refused and that is kept in memory says it until it
+        is written; else the state directory and the log directory are each
+        tried with a write.  While there is one, no job starts.
+        """
+        if self._unsaved:
+            count = len(self._unsaved)
+            return (
+                f"{self._write_problem} ({count} job record(s) kept in memory until it can "
+                "be written)"
+            )
+        check = IStorageCheck(self._store, None)
+        problem = check.storage_problem() if check is not None else None
+        return problem or self._launcher.storage_problem()
 
     # -- commands -------------------------------------------------------
 
@@ -470,6 +559,9 @@ class JobManager:
                 f"{len(holding)} jobs are running, the maximum is {self.settings.max_jobs}"
             )
         self._launcher.check()
+        problem = self.storage_problem()
+        if problem is not None:
+            raise StorageUnavailable(f"{problem}; nothing was started")
         managed = ManagedJob.admitted(request)
         self._live.append(managed)
         return managed
@@ -607,15 +699,18 @@ class JobManager:
         )
         try:
             process = self._launcher.launch(relayed, _Observer(self, managed))
+        except JobLogUnwritable as e:
+            managed.launch_failed()
+            raise StorageUnavailable(f"{e}; nothing was started") from e
         except BaseException:
             managed.launch_failed()
             raise
         managed.launched(process, self._now())
         self._jobs[job_id] = managed
-        if previous is not None:
-            # The new job replaces the ended one's record: what that one still owed
-            # the SHA goes with it, so the new job's status speaks of itself only.
-            self._store.outbox_forget(job_id)
+        # The new job replaces the ended one's record: what that one still owed
+        # the SHA goes with it, so the new job's status speaks of itself only.
+        managed.forget_outbox = previous is not None
+        # Its client runs: a write refused now keeps the job in memory, never undoes it.
         self._save_now(managed)
         if self.hub is not None:
             self.hub.job_started(managed.job)
@@ -659,15 +754,23 @@ class JobManager:
         if not job.status.active:
             raise JobNotActive(f"job {job_id} is not running (status {job.status.value})")
         managed = self._jobs[job_id]
+        if managed.request is not None:
+            # The Go client's pushes are its lines by another way: masked alike.
+            mask = Masker([managed.request.vcenter_password])
+            push = attrs.evolve(push, stage=mask(push.stage), status=mask(push.status))
         job = managed.job = job.pushed_progress(push, self._now())
         self._save_soon(managed)
         return job
 
     def configure(self, changes: Mapping[str, Any]) -> Settings:
-        """Apply and persist run-time settings; raises ConfigError, changing nothing."""
+        """Apply and persist run-time settings; raises ConfigError (or StorageUnavailable
+        when they cannot be stored), changing nothing."""
         new = self.settings.updated(changes)
-        stored = {**self._store.load_settings(), **changes}
-        self._store.save_settings(stored)
+        try:
+            stored = {**self._store.load_settings(), **changes}
+            self._store.save_settings(stored)
+        except StoreError as e:
+            raise StorageUnavailable(f"{e.message}; the settings are unchanged") from e
         self.settings = new
         self.log.info("settings changed: {changes}", changes=dict(changes))
         return new
@@ -719,7 +822,8 @@ class JobManager:
             self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
         )
         request = managed.ended(job)
-        # The SHA's messages are stored with the ended record, in one transaction.
+        # The SHA's messages are stored with the ended record, in one transaction; if
+        # the store refuses, both are kept and go with the next write that it takes.
         self._save_now(managed, self._ended_messages(job))
         closing = self._gateway.close_relays(managed.job_id).addCallback(
             self._final_counts, managed
@@ -727,7 +831,9 @@ class JobManager:
         if self.hub is not None:
             # Completions only once every disk is flushed and disconnected, relays included:
             # the SHA stops the job's qemu-nbd on the last one.
-            self.hub.job_ended(managed.job_id, closing)
+            managed.hub_gate = closing
+            if not managed.unsaved:
+                self._tell_hub(managed)
         waits = [closing]
         if exit_signal is not None and job.status is not JobStatus.COMPLETED:
             waits.append(self._on_client_killed(request))
@@ -756,11 +862,81 @@ class JobManager:
         if managed.save_call is None:
             managed.save_call = self._clock.callLater(SAVE_INTERVAL, self._save_now, managed)
 
-    def _save_now(self, managed: ManagedJob, outbox: Sequence[Message] = ()) -> None:
+    def _save_now(self, managed: ManagedJob, outbox: Sequence[Message] = ()) -> bool:
+        """Write ``managed``'s record with ``outbox`` and what earlier writes could not
+        store; whether the store took it.  What it refuses is kept, never raised."""
         call, managed.save_call = managed.save_call, None
         if call is not None and call.active():
             call.cancel()
-        self._store.save(managed.job, outbox)
+        managed.unsent.extend(outbox)
+        try:
+            if managed.forget_outbox:
+                self._store.outbox_forget(managed.job_id)
+                managed.forget_outbox = False
+            self._store.save(managed.job, managed.unsent)
+        except StoreError as e:
+            self._write_failed(managed, e)
+            return False
+        managed.unsent = []
+        managed.stored_status = managed.job.status
+        if managed.unsaved:
+            managed.unsaved = False
+            self._unsaved.remove(managed)
+            self.log.info(
+                "job {job_id}: its record ({status}) is written now",
+                job_id=managed.job_id,
+                status=managed.job.status.value,
+            )
+            if not self._unsaved:
+                self.log.info("the job database is written again")
+                self._write_problem = None
+        if managed.hub_gate is not None:
+            self._tell_hub(managed)
+        return True
+
+    def _write_failed(self, managed: ManagedJob, error: StoreError) -> None:
+        if self._write_problem is None:
+            self.log.error(
+                "{problem}; job records are kept in memory and written once it can be "
+                "(tried every {delay:g} s); no job starts until then",
+                problem=error.message,
+                delay=WRITE_RETRY,
+            )
+        self._write_problem = error.message
+        if not managed.unsaved:
+            managed.unsaved = True
+            self._unsaved.append(managed)
+            self.log.warn(
+                "job {job_id}: its record ({status}) is kept in memory until it can be written",
+                job_id=managed.job_id,
+                status=managed.job.status.value,
+            )
+        if self._retry_call is None:
+            self._retry_call = self._clock.callLater(WRITE_RETRY, self._retry_writes)
+
+    def _retry_writes(self) -> None:
+        """Write what the store refused, oldest first, until it refuses again."""
+        call, self._retry_call = self._retry_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for managed in list(self._unsaved):
+            if self._jobs.get(managed.job_id) is not managed:
+                # Forgotten, or replaced by a newer job of its id (which drops what
+                # this one owed the SHA): writing it would undo the newer record.
+                managed.unsaved = False
+                self._unsaved.remove(managed)
+                managed.unsent = []
+                if not self._unsaved:
+                    self._write_problem = None
+                continue
+            if not self._save_now(managed):
+                return
+
+    def _tell_hub(self, managed: ManagedJob) -> None:
+        """The ended job's messages are stored: the SHA gets them once its relays are closed."""
+        assert self.hub is not None and managed.hub_gate is not None
+        gate, managed.hub_gate = managed.hub_gate, None
+        self.hub.job_ended(managed.job_id, gate)
 
     def _ended_messages(self, job: Job) -> list[Message]:
         return self.hub.ended_messages(job) if self.hub is not None else []

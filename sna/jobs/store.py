@@ -9,14 +9,21 @@ The SHA's messages (``sha_messages``) are what it must learn of ended jobs,
 in order: written in the same transaction as the ended job's record, so a
 completion can never be lost between the two, and kept, with how far each
 got, as long as the job.
+
+Whatever SQLite or the disk refuses (a full disk, a read-only directory) is
+:class:`StoreError`, naming the database and the reason; the caller decides
+what to keep in memory.  :meth:`SQLiteJobStore.storage_problem` says whether
+the directory can take a write now.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sqlite3
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Optional
 
@@ -26,6 +33,7 @@ from zope.interface import Interface, implementer
 
 from sna.contract.disks import disk_indexes
 from sna.jobs.model import Job, JobStatus
+from sna.sbc.joblog import probe
 from sna.sha.messages import Message
 
 SCHEMA_VERSION = 3
@@ -87,6 +95,16 @@ class OutboxRow:
     updated_at: str
 
 
+class StoreError(Exception):
+    """The database could not be read or written; the message names it and says why."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The disk (or the database's quota) is full: space may come back.
+        self.full = full
+
+
 def initial_state(message: Message) -> str:
     return PENDING if message.not_sent is None else NOT_SENT
 
@@ -126,35 +144,83 @@ class IJobStore(Interface):
         """Release the database."""
 
 
-@implementer(IJobStore)
+class IStorageCheck(Interface):
+    """A store that can tell whether it could write now."""
+
+    def storage_problem() -> Optional[str]:
+        """Why a write would fail now (the directory is full or read-only), or ``None``."""
+
+
+#: SQLite's result code for "database or disk is full".
+_SQLITE_FULL = 13
+
+
+@implementer(IJobStore, IStorageCheck)
 class SQLiteJobStore:
     def __init__(self, path: FilePath[str]) -> None:
         self._path = path
         self._db: Optional[sqlite3.Connection] = None
 
+    @contextlib.contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """Raise what SQLite or the disk refuses as :class:`StoreError`."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            full = getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL
+            raise StoreError(f"cannot {doing} {self._path.path}: {e}", full) from e
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StoreError(f"cannot {doing} {self._path.path}: {e.strerror or e}", full) from e
+
+    def storage_problem(self) -> Optional[str]:
+        return probe(self._path.parent(), "the state directory")
+
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self._path.parent().makedirs(ignoreExistingDirectory=True)
-            db = sqlite3.connect(self._path.path, isolation_level=None)
+            try:
+                with self._failing("open the job database"):
+                    self._db = self._open()
+            except StoreError as e:
+                # SQLite says "disk I/O error" when it cannot make the WAL's index on a
+                # full disk: the directory says why.
+                problem = self.storage_problem()
+                if problem is None:
+                    raise
+                raise StoreError(f"{e.message} ({problem})", e.full) from e
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self._path.parent().makedirs(ignoreExistingDirectory=True)
+        db = sqlite3.connect(self._path.path, isolation_level=None)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                db.close()
                 raise RuntimeError(
                     f"{self._path.path} has schema version {version}, newer than this sna "
                     f"({SCHEMA_VERSION}); refusing to touch it"
                 )
-            db.executescript(_SCHEMA)
-            with db:
-                db.execute("BEGIN")
-                if version == 2:
-                    _outbox_from_version_2(db)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._db = db
-        return self._db
+            if version < SCHEMA_VERSION:
+                # Only an older database is written here: a current one opens on a
+                # full disk, to be read, and written once there is room.
+                db.executescript(_SCHEMA)
+                with db:
+                    db.execute("BEGIN")
+                    if version == 2:
+                        _outbox_from_version_2(db)
+                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def save(self, job: Job, outbox: Sequence[Message] = ()) -> None:
+        with self._failing("write the job database"):
+            self._save(job, outbox)
+
+    def _save(self, job: Job, outbox: Sequence[Message]) -> None:
         db = self._conn()
         record = (
             job.job_id,
@@ -194,62 +260,72 @@ class SQLiteJobStore:
             )
 
     def load_all(self) -> list[Job]:
-        rows = self._conn().execute("SELECT record FROM jobs ORDER BY started_at, job_id")
-        return [Job.from_record(json.loads(record)) for (record,) in rows]
+        with self._failing("read the job database"):
+            rows = self._conn().execute("SELECT record FROM jobs ORDER BY started_at, job_id")
+            return [Job.from_record(json.loads(record)) for (record,) in rows]
 
     def delete(self, job_ids: list[str]) -> None:
-        db = self._conn()
-        with db:
-            db.execute("BEGIN")
-            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
-            db.executemany("DELETE FROM sha_messages WHERE job_id = ?", [(j,) for j in job_ids])
+        with self._failing("write the job database"):
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
+                db.executemany("DELETE FROM sha_messages WHERE job_id = ?", [(j,) for j in job_ids])
 
     def count_by_status(self) -> dict[JobStatus, int]:
-        rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        return {JobStatus(status): count for status, count in rows}
+        with self._failing("read the job database"):
+            rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            return {JobStatus(status): count for status, count in rows}
 
     def load_settings(self) -> dict[str, Any]:
-        rows = self._conn().execute("SELECT key, value FROM settings")
-        return {key: json.loads(value) for key, value in rows}
+        with self._failing("read the job database"):
+            rows = self._conn().execute("SELECT key, value FROM settings")
+            return {key: json.loads(value) for key, value in rows}
 
     def save_settings(self, values: dict[str, Any]) -> None:
-        db = self._conn()
-        with db:
-            db.execute("BEGIN")
-            db.execute("DELETE FROM settings")
-            db.executemany(
-                "INSERT INTO settings (key, value) VALUES (?, ?)",
-                [(key, json.dumps(value)) for key, value in values.items()],
-            )
+        with self._failing("write the job database"):
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                db.execute("DELETE FROM settings")
+                db.executemany(
+                    "INSERT INTO settings (key, value) VALUES (?, ?)",
+                    [(key, json.dumps(value)) for key, value in values.items()],
+                )
 
     def outbox(self, job_id: Optional[str] = None) -> list[OutboxRow]:
         columns = ", ".join(field.name for field in attrs.fields(OutboxRow))
-        if job_id is None:
-            rows = self._conn().execute(f"SELECT {columns} FROM sha_messages ORDER BY seq")
-        else:
-            rows = self._conn().execute(
-                f"SELECT {columns} FROM sha_messages WHERE job_id = ? ORDER BY seq", (job_id,)
-            )
-        return [OutboxRow(*row) for row in rows]
+        with self._failing("read the job database"):
+            if job_id is None:
+                rows = self._conn().execute(f"SELECT {columns} FROM sha_messages ORDER BY seq")
+            else:
+                rows = self._conn().execute(
+                    f"SELECT {columns} FROM sha_messages WHERE job_id = ? ORDER BY seq", (job_id,)
+                )
+            return [OutboxRow(*row) for row in rows]
 
     def outbox_update(self, seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
-        self._conn().execute(
-            "UPDATE sha_messages SET state = ?, attempts = ?, reason = ?, updated_at = ?"
-            " WHERE seq = ?",
-            (state, attempts, reason, _now(), seq),
-        )
+        with self._failing("write the job database"):
+            self._conn().execute(
+                "UPDATE sha_messages SET state = ?, attempts = ?, reason = ?, updated_at = ?"
+                " WHERE seq = ?",
+                (state, attempts, reason, _now(), seq),
+            )
 
     def outbox_counts(self) -> dict[str, int]:
-        rows = self._conn().execute("SELECT state, COUNT(*) FROM sha_messages GROUP BY state")
-        return {state: count for state, count in rows}
+        with self._failing("read the job database"):
+            rows = self._conn().execute("SELECT state, COUNT(*) FROM sha_messages GROUP BY state")
+            return {state: count for state, count in rows}
 
     def outbox_forget(self, job_id: str) -> None:
-        self._conn().execute("DELETE FROM sha_messages WHERE job_id = ?", (job_id,))
+        with self._failing("write the job database"):
+            self._conn().execute("DELETE FROM sha_messages WHERE job_id = ?", (job_id,))
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        db, self._db = self._db, None
+        if db is not None:
+            with self._failing("close the job database"):
+                db.close()
 
 
 def _now() -> str:

@@ -3,7 +3,9 @@
 :class:`ProcessLauncher` (the one :class:`IProcessLauncher`) opens the job log,
 builds the protocol with the right parser, and starts the client: a spare from
 :mod:`sna.sbc.spare` when one is ready, else ``reactor.spawnProcess`` with the
-argv and environment of :class:`~sna.sbc.command.ClientCommand`.
+argv and environment of :class:`~sna.sbc.command.ClientCommand`.  A job log
+that cannot be written is :class:`JobLogUnwritable`, raised before any client
+has the job (a spare taken for it goes back to the pool).
 :class:`ClientProcess` stops a child procmon-style: TERM, then KILL after a
 grace period.  Reading the child's output is the protocol's
 (:mod:`sna.sbc.protocol`); clients a dead daemon left are not ours to stop
@@ -31,12 +33,17 @@ from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
 from sna.contract import ids
+from sna.contract.secrets import Masker
 from sna.jobs.model import BackupRequest
 from sna.sbc.command import ClientCommand, ClientUnavailable
-from sna.sbc.joblog import JobLog, LogDirectory
+from sna.sbc.joblog import LogDirectory
 from sna.sbc.parse import parser_for
-from sna.sbc.protocol import MASK, BackupClientProtocol, IClientObserver
+from sna.sbc.protocol import BackupClientProtocol, IClientObserver
 from sna.sbc.spare import SparePool
+
+
+class JobLogUnwritable(ClientUnavailable):
+    """The job's log cannot be written (its disk is full or read-only): no client was started."""
 
 
 class ClientProcess:
@@ -97,7 +104,11 @@ class IProcessLauncher(Interface):
         """Raise :class:`ClientUnavailable` if no client can be started now."""
 
     def launch(request: BackupRequest, observer: IClientObserver) -> ClientProcess:
-        """Start the client for ``request``; raise :class:`ClientUnavailable` if it cannot be."""
+        """Start the client for ``request``; raise :class:`ClientUnavailable` if it cannot be
+        (:class:`JobLogUnwritable` if its log cannot be written)."""
+
+    def storage_problem() -> Optional[str]:
+        """Why job logs cannot be written now, or ``None``."""
 
 
 @implementer(IProcessLauncher)
@@ -138,6 +149,9 @@ class ProcessLauncher:
     def check(self) -> None:
         self.command.executable()
 
+    def storage_problem(self) -> Optional[str]:
+        return self._log_dir.problem()
+
     def log_path(self, job_id: str) -> FilePath[str]:
         return self._log_dir.current.child(ids.log_file_name(job_id))
 
@@ -154,24 +168,28 @@ class ProcessLauncher:
         log_path = self.log_path(request.job_id)
         new_log = not log_path.exists()
         try:
-            job_log = JobLog(log_path, self._now)
+            job_log = self._log_dir.open(log_path, self._now)
         except OSError as e:
-            raise ClientUnavailable(f"cannot open the job log: {e.strerror}") from e
+            raise JobLogUnwritable(
+                f"cannot open the job log {log_path.path}: {e.strerror or e}"
+            ) from e
         spare = self.spares.take() if self.spares is not None else None
-        try:
-            if spare is not None:
-                job_log.write(
-                    "sna",
-                    f"starting {self._shown(args, request)} in spare client pid {spare.pid} "
-                    f"(started {self._clock.seconds() - spare.started:.1f} s ago)",
-                )
-            else:
-                job_log.write("sna", f"starting {self._shown(args, request)}")
-        except OSError as e:
+        if spare is not None:
+            job_log.write(
+                "sna",
+                f"starting {self._shown(args, request)} in spare client pid {spare.pid} "
+                f"(started {self._clock.seconds() - spare.started:.1f} s ago)",
+            )
+        else:
+            job_log.write("sna", f"starting {self._shown(args, request)}")
+        if job_log.problem is not None:
+            # A job whose log cannot be written is not started: nothing would tell
+            # an operator what it did.
             job_log.close()
-            if spare is not None:
-                spare.stop(self._clock)  # not handed a job: it exits
-            raise ClientUnavailable(f"cannot write the job log: {e.strerror}") from e
+            self._forget_log(log_path, new_log)
+            if spare is not None and self.spares is not None:
+                self.spares.give_back(spare)
+            raise JobLogUnwritable(job_log.problem)
         if spare is not None:
             base = self.command.base_environment(self._environ)
             added = {k: v for k, v in env.items() if base.get(k) != v}
@@ -200,9 +218,7 @@ class ProcessLauncher:
             transport = self._reactor.spawnProcess(protocol, executable, args, env=env, path=None)
         except OSError as e:
             job_log.close()
-            if new_log:
-                # No job exists: leave no log claiming one did.
-                log_path.remove()
+            self._forget_log(log_path, new_log)
             raise ClientUnavailable(f"cannot start backup client {executable}: {e}") from e
         process = ClientProcess(transport, protocol, self._clock)
         job_log.write("sna", f"pid {process.pid}")
@@ -211,17 +227,20 @@ class ProcessLauncher:
         )
         return process
 
+    def _forget_log(self, log_path: FilePath[str], new_log: bool) -> None:
+        """No job exists: leave no log claiming one did."""
+        if not new_log:
+            return
+        try:
+            log_path.remove()
+        except OSError as e:
+            self.log.warn(
+                "cannot remove the log {path} of a job not started: {reason}",
+                path=log_path.path,
+                reason=e.strerror,
+            )
+
     @staticmethod
     def _shown(args: Sequence[str], request: BackupRequest) -> str:
-        """The command line as it may be logged: the password masked."""
-        password = request.vcenter_password
-
-        def shown(word: str) -> str:
-            name, sep, value = word.partition("=")
-            if word == password:
-                return MASK
-            if sep and name.startswith("--") and value == password:
-                return f"{name}={MASK}"
-            return word
-
-        return shlex.join(shown(a) for a in args)
+        """The command line as it may be logged: the password masked, in any form."""
+        return Masker([request.vcenter_password])(shlex.join(args))

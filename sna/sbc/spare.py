@@ -3,7 +3,8 @@
 A spare is our client run as ``standby --spare-id ID`` (:mod:`sna.contract.standby`).
 :class:`SparePool` is a service that keeps ``size`` of them: it starts them,
 notices when one is ready (its first stdout line), hands a ready one to the
-launcher for a job and starts a replacement.  A spare that is never used is
+launcher for a job and starts a replacement; one handed out whose job could
+not start after all is given back.  A spare that is never used is
 retired after :data:`MAX_AGE`, so an upgraded client is picked up without a
 restart of sna.
 
@@ -227,6 +228,17 @@ class SparePool(Service):
                 self._clock.callLater(0, self._fill)
                 return spare
         return None
+
+    def give_back(self, spare: SpareProtocol) -> None:
+        """A spare :meth:`take` handed out whose job could not start after all: the pool's
+        again (its replacement is not started), or stopped if the pool has enough."""
+        usable = spare.ready and not spare.ended and spare.job is None
+        if self.running and usable and len(self.spares) < self.size:
+            self.spares.insert(0, spare)
+            return
+        self._stopping.add(spare)
+        spare.gone.addBoth(lambda _: self._stopping.discard(spare))
+        spare.stop(self._clock)
 
     def _fill(self) -> None:
         while self.running and self.disabled is None and len(self.spares) < self.size:

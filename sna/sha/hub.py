@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from sna.jobs.model import Job
-from sna.jobs.store import IJobStore
+from sna.jobs.store import IJobStore, StoreError
 from sna.sha import messages
 from sna.sha.client import ShaClient, ShaUnreachable
 from sna.sha.live import LiveTelemetry
@@ -157,7 +157,10 @@ class ShaHub:
         self.outbox.deliver(job_id, after=DeferredList([closed, live], consumeErrors=True))
 
     def report(self, job_id: str) -> Optional[dict[str, Any]]:
-        delivered = summary(self._store.outbox(job_id))
+        try:
+            delivered = summary(self._store.outbox(job_id))
+        except StoreError as e:
+            delivered = {"completion": None, "final_state": None, "unavailable": e.message}
         pushes = self.live.state(job_id)
         if delivered is None and pushes is None:
             return None

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -37,6 +37,7 @@ from sna.jobs.store import (
     REFUSED,
     IJobStore,
     OutboxRow,
+    StoreError,
 )
 from sna.sha import messages
 from sna.sha.client import ShaClient, ShaUnreachable
@@ -46,6 +47,8 @@ BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNKNOWN_JOB_LIMIT = 3
 #: A failure is logged at warning level on its first try and every this many after.
 WARN_EVERY = 10
+#: Seconds between tries to record what the database refused.
+RECORD_RETRY = 5.0
 
 
 def describe(row: OutboxRow) -> str:
@@ -82,10 +85,22 @@ class Outbox:
         self._backing_off: set[str] = set()
         self._waiters: list[Deferred[None]] = []
         self._stopped = False
+        #: How far messages got that the database would not record yet, by seq.
+        self._unrecorded: dict[int, tuple[str, int, Optional[str]]] = {}
+        self._recording: Optional[IDelayedCall] = None
+        self._store_failing: Optional[str] = None
 
     def start(self) -> None:
         """Send what an earlier run left pending."""
-        for job_id in dict.fromkeys(r.job_id for r in self._store.outbox() if r.state == PENDING):
+        try:
+            rows = self._store.outbox()
+        except StoreError as e:
+            self.log.error(
+                "cannot read what the SHA is owed ({reason}); it is sent at the next start",
+                reason=e.message,
+            )
+            return
+        for job_id in dict.fromkeys(r.job_id for r in rows if r.state == PENDING):
             self.deliver(job_id)
 
     def deliver(self, job_id: str, after: Optional[Deferred[Any]] = None) -> None:
@@ -120,6 +135,16 @@ class Outbox:
         self._stopped = True
         for sleep in list(self._sleeps):
             sleep.cancel()
+        if self._recording is not None and self._recording.active():
+            self._recording.cancel()
+        self._write_records()
+        for seq, (state, _, _) in self._unrecorded.items():
+            self.log.error(
+                "message {seq} to the SHA is {state} but could not be recorded: "
+                "the next start may send it again",
+                seq=seq,
+                state=state,
+            )
 
     def wait(self) -> Deferred[None]:
         """Fires once no message is being sent or about to be: every delivery has ended
@@ -142,10 +167,52 @@ class Outbox:
             gate = self._gates.pop(job_id, None)
             if gate is not None:
                 await gate
-            pending = [r for r in self._store.outbox(job_id) if r.state == PENDING]
+            try:
+                pending = self._pending(job_id)
+            except StoreError as e:
+                self._failing(e)
+                await self._sleep(RECORD_RETRY)
+                continue
             if not pending:
                 return
             await self._send(pending[0])
+
+    def _pending(self, job_id: str) -> list[OutboxRow]:
+        """The job's messages still to send, as far as this run knows (the database's
+        states, and those it would not record yet)."""
+        rows = self._store.outbox(job_id)
+        return [r for r in rows if self._unrecorded.get(r.seq, (r.state,))[0] == PENDING]
+
+    def _record(self, row: OutboxRow, state: str, attempts: int, reason: Optional[str]) -> None:
+        """Record how far a message got; what the database refuses is kept here and
+        written again every :data:`RECORD_RETRY` seconds (a delivered message is
+        then never sent again in this run)."""
+        self._unrecorded[row.seq] = (state, attempts, reason)
+        self._write_records()
+
+    def _write_records(self) -> None:
+        self._recording = None
+        for seq, (state, attempts, reason) in list(self._unrecorded.items()):
+            try:
+                self._store.outbox_update(seq, state, attempts, reason)
+            except StoreError as e:
+                self._failing(e)
+                if self._recording is None and not self._stopped:
+                    self._recording = self._clock.callLater(RECORD_RETRY, self._write_records)
+                return
+            del self._unrecorded[seq]
+        if self._store_failing is not None:
+            self.log.info("what the SHA took is recorded again")
+            self._store_failing = None
+
+    def _failing(self, error: StoreError) -> None:
+        if self._store_failing is None:
+            self.log.error(
+                "cannot record what the SHA took ({reason}); kept in memory until the "
+                "database takes it",
+                reason=error.message,
+            )
+        self._store_failing = error.message
 
     async def _send(self, row: OutboxRow) -> None:
         attempts = row.attempts
@@ -161,15 +228,15 @@ class Outbox:
                 outcome, reason = messages.outcome(row.kind, answer.code), answer.text()
             if self._stopped:
                 # Whatever the answer, it is recorded as the next run will see it.
-                self._store.outbox_update(row.seq, PENDING, attempts, reason)
+                self._record(row, PENDING, attempts, reason)
                 return
             self._on_answer(row.kind, outcome)
             if outcome == "delivered":
-                self._store.outbox_update(row.seq, DELIVERED, attempts, None)
+                self._record(row, DELIVERED, attempts, None)
                 self.log.info("job {job_id}: the SHA took {what}", job_id=row.job_id, what=what)
                 return
             if outcome == "refused":
-                self._store.outbox_update(row.seq, REFUSED, attempts, reason)
+                self._record(row, REFUSED, attempts, reason)
                 self.log.error(
                     "job {job_id}: the SHA refused {what} ({reason}); it is not sent again",
                     job_id=row.job_id,
@@ -180,7 +247,7 @@ class Outbox:
             if outcome == "unknown_job":
                 unknown += 1
                 if unknown >= UNKNOWN_JOB_LIMIT:
-                    self._store.outbox_update(row.seq, GIVEN_UP, attempts, reason)
+                    self._record(row, GIVEN_UP, attempts, reason)
                     self.log.error(
                         "job {job_id}: the SHA answered {reason} to {what} {count} times: "
                         "it does not know this job; not sent again",
@@ -192,7 +259,7 @@ class Outbox:
                     return
             else:
                 unknown = 0
-            self._store.outbox_update(row.seq, PENDING, attempts, reason)
+            self._record(row, PENDING, attempts, reason)
             delay = BACKOFF[min(attempts, len(BACKOFF)) - 1]
             if attempts == 1 or attempts % WARN_EVERY == 0:
                 self.log.warn(
@@ -210,8 +277,11 @@ class Outbox:
                 await self._sleep(delay)
             finally:
                 self._backing_off.discard(row.job_id)
-            if not any(r.seq == row.seq for r in self._store.outbox(row.job_id)):
-                return  # forgotten meanwhile: a new job of that id replaced its record
+            try:
+                if not any(r.seq == row.seq for r in self._store.outbox(row.job_id)):
+                    return  # forgotten meanwhile: a new job of that id replaced its record
+            except StoreError:
+                pass  # the database cannot say; the message is still owed
 
     async def _sleep(self, seconds: float) -> None:
         d = deferLater(self._clock, seconds, lambda: None)

@@ -21,12 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sna.jobs.model import Job, JobStatus
+from sna.jobs.store import StoreError
 from sna.sbc import events
 from sna.sha import messages
 from sna.sha.client import ShaClient
 from sna.sha.hub import Lookup, ShaHub
 from sna.sha.live import IDLE_INTERVAL, MIN_SPACING, MOVING_INTERVAL, LiveTelemetry
-from sna.sha.outbox import BACKOFF, Outbox, summary
+from sna.sha.outbox import BACKOFF, RECORD_RETRY, Outbox, summary
 from sna.testing import MemoryJobStore, SteppingClock
 from tests.unit.test_model import T0, make_job
 
@@ -544,3 +545,35 @@ def test_report_joins_live_pushes_and_deliveries(sha: FakeSha) -> None:
     assert report["telemetry"]["pushes"] == 1
     assert report["completion"]["state"] == "delivered"
     assert report["final_state"]["state"] == "delivered"
+
+
+class FullStore(MemoryJobStore):
+    """A store whose writes fail while ``full``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def outbox_update(self, seq: int, state: str, attempts: int, reason: Optional[str]) -> None:
+        if self.full:
+            raise StoreError("database or disk is full", full=True)
+        super().outbox_update(seq, state, attempts, reason)
+
+
+def test_a_database_that_will_not_record_a_delivery_never_causes_a_second_one(
+    sha: FakeSha,
+) -> None:
+    store = FullStore()
+    job = ended_job()
+    store.save(job, messages.final_messages(job, T0))
+    box, clock, treq = outbox(sha, store)
+    store.full = True
+    box.deliver(job.job_id)
+    treq.flush()
+    # Each message went once, though none of it could be recorded.
+    assert [b.get("disk_id", "final") for _, b in sha.posts()] == [0, 1, "final"]
+    assert {r.state for r in store.outbox()} == {"pending"}
+    store.full = False
+    clock.advance(RECORD_RETRY)
+    assert {r.state for r in store.outbox()} == {"delivered"}
+    assert len(sha.posts()) == 3

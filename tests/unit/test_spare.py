@@ -12,9 +12,9 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from sna.contract import standby
-from sna.sbc.command import ClientCommand, ClientUnavailable
+from sna.sbc.command import ClientCommand
 from sna.sbc.joblog import JobLog, LogDirectory
-from sna.sbc.launcher import ProcessLauncher
+from sna.sbc.launcher import JobLogUnwritable, ProcessLauncher
 from sna.sbc.spare import MAX_AGE, MAX_FAILURES, RETRY_DELAY, STOP_GRACE, SparePool
 from sna.testing import FakeProcessReactor, FakeProcessTransport, fixed_now
 from tests.unit.test_process import REQUEST, Recorder
@@ -251,20 +251,27 @@ def test_the_legacy_client_has_no_spares(tmp_path: Path) -> None:
     assert ProcessLauncher(reactor, reactor, command, logs, fixed_now, spares=2).spares is None
 
 
-def test_a_job_log_that_cannot_be_written_stops_the_spare(
-    launcher: tuple[ProcessLauncher, FakeProcessReactor], monkeypatch: pytest.MonkeyPatch
+def test_a_job_log_that_cannot_be_written_gives_the_spare_back(
+    launcher: tuple[ProcessLauncher, FakeProcessReactor],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     launch, reactor = launcher
     transport = reactor.spawned[0][0]
     ready(transport)
 
-    def full(*args: object) -> None:
-        raise OSError(28, "No space left on device")
+    def full(self: JobLog, stream: str, line: str) -> None:
+        self.problem = f"cannot write the job log {self.path.path}: No space left on device"
 
     monkeypatch.setattr(JobLog, "write", full)
-    with pytest.raises(ClientUnavailable, match="No space left on device"):
+    with pytest.raises(JobLogUnwritable, match="No space left on device"):
         launch.launch(REQUEST, Recorder())
-    assert transport.stdin_closed and transport.value() == b"", "no job, and it is ended"
+    assert not transport.stdin_closed and transport.value() == b"", "no job, still waiting"
+    assert not (tmp_path / "backup-backup-vm-1.log").exists()
+    reactor.advance(0)
+    assert len(reactor.spawned) == 1, "it is the pool's again: no replacement"
+    monkeypatch.undo()
+    assert launch.launch(REQUEST, Recorder()).pid == transport.pid
 
 
 def test_a_spare_that_ended_unnoticed_is_not_handed_out(

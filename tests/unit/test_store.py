@@ -11,7 +11,7 @@ import pytest
 from twisted.python.filepath import FilePath
 
 from sna.jobs.model import JobStatus
-from sna.jobs.store import SCHEMA_VERSION, SQLiteJobStore
+from sna.jobs.store import SCHEMA_VERSION, SQLiteJobStore, StoreError
 from sna.sha.messages import Message
 from tests.unit.test_model import T0, make_job
 
@@ -75,7 +75,7 @@ def test_a_failing_message_write_loses_the_ended_record_too(tmp_path: Path) -> N
     running = make_job()
     store.save(running)
     bad = Message("complete", "/p", "{}", disk_index=0)
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(StoreError, match="NOT NULL constraint failed"):
         store.save(running.ended(T0, 0, None, None), [bad, attrs.evolve(bad, kind=None)])  # type: ignore[arg-type]
     assert store.load_all() == [running] and store.outbox() == []
     store.close()
