@@ -71,7 +71,9 @@ def parse_hosts(value: str | Iterable[str], key: str = "nbd_hosts") -> tuple[str
         if not isinstance(item, str):
             raise ConfigError(key, f"{key} must be a list of host names or addresses")
         host = normalise_host(item)
-        if not host or any(c.isspace() or c in "/@?#" for c in host):
+        # Not printable: control characters (ESC...) would reach the log line
+        # that records a stored setting.
+        if not host or any(c.isspace() or not c.isprintable() or c in "/@?#" for c in host):
             raise ConfigError(key, f"{key} has an invalid host {item!r}")
         if host not in hosts:
             hosts.append(host)

@@ -7,7 +7,8 @@ and only as a default.
 
 from __future__ import annotations
 
-import re
+import ipaddress
+import os
 import ssl
 import time
 import urllib.parse
@@ -17,6 +18,7 @@ import attrs
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
@@ -26,8 +28,8 @@ from twisted.web.client import Agent
 
 from sna import __version__
 from sna.api.app import SnaAPI
-from sna.api.auth import BearerTokenAuthorization, read_token
-from sna.api.http import make_site
+from sna.api.auth import BearerTokenAuthorization, check_secret_file, read_token
+from sna.api.http import ConnectionLimits, make_site
 from sna.config import ConfigError, Settings
 from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import LeftoverClients
@@ -50,6 +52,7 @@ from sna.vmware.vsphere import VSphere
 VSPHERE_THREADS = 10
 
 log = Logger()
+_LIMITS = ConnectionLimits()
 
 
 def _number(text: str, kind: type[int] | type[float]) -> object:
@@ -79,7 +82,8 @@ class Options(usage.Options):
             "listen",
             None,
             "tcp:8081:interface=127.0.0.1",
-            "API endpoint (Twisted endpoint string).",
+            "API endpoint (Twisted endpoint string; "
+            "ssl:PORT:interface=ADDR:privateKey=KEY.pem:certKey=CERT.pem for TLS).",
         ],
         ["state-dir", None, "/var/lib/sendense/sna", "Directory of the job database."],
         [
@@ -140,6 +144,30 @@ class Options(usage.Options):
             "30",
             "Days finished jobs are kept in the job list (0: forever).",
         ],
+        [
+            "max-connections",
+            None,
+            str(_LIMITS.max_connections),
+            "Most API connections open at once (1-65536); idle ones are closed to make room.",
+        ],
+        [
+            "max-client-connections",
+            None,
+            str(_LIMITS.max_client_connections),
+            "Most API connections open at once from one client address (1-65536).",
+        ],
+        [
+            "request-timeout",
+            None,
+            f"{_LIMITS.request_timeout:g}",
+            "Seconds a client may take to send a whole request, from its first byte.",
+        ],
+        [
+            "idle-timeout",
+            None,
+            f"{_LIMITS.idle_timeout:g}",
+            "Seconds an API connection may stay open without sending anything.",
+        ],
     ]
 
     # Option names of the run-time settings, for error messages.
@@ -172,6 +200,10 @@ class Options(usage.Options):
         except ConfigError as e:
             option = self._SETTING_OPTIONS.get(e.key, e.key)
             raise usage.UsageError(e.message.replace(e.key, option, 1)) from None
+        try:
+            _check_listen(self["listen"])
+        except Exception as e:  # whatever Twisted finds wrong in the operator's description
+            raise usage.UsageError(f"--listen {self['listen']}: {e}") from None
         settings: Settings = self["settings"]
         self["nbd-ports"], self["nbd-hosts"] = settings.nbd_ports, settings.nbd_hosts
         self["max-jobs"], self["kill-grace"] = settings.max_jobs, settings.kill_grace
@@ -200,10 +232,38 @@ class Options(usage.Options):
                 f"--spare-clients must be an integer from 0 to 16, not {self['spare-clients']!r}"
             )
         self["spare-clients"] = spares
+        self["limits"] = self._connection_limits()
         try:
             self["sbc"] = ClientCommand.parse(self["sbc"], legacy=bool(self["sbc-legacy"]))
         except ValueError as e:
             raise usage.UsageError(f"--sbc: {e}") from None
+
+    def _connection_limits(self) -> ConnectionLimits:
+        counts = {}
+        for option in ("max-connections", "max-client-connections"):
+            value = _number(self[option], int)
+            if not isinstance(value, int) or not 1 <= value <= 65536:
+                raise usage.UsageError(
+                    f"--{option} must be an integer from 1 to 65536, not {self[option]!r}"
+                )
+            counts[option] = value
+        if counts["max-client-connections"] > counts["max-connections"]:
+            raise usage.UsageError("--max-client-connections must not exceed --max-connections")
+        seconds = {}
+        for option in ("request-timeout", "idle-timeout"):
+            value = _number(self[option], float)
+            if not isinstance(value, float) or not 0 < value <= 3600:
+                raise usage.UsageError(
+                    f"--{option} must be a number of seconds above 0 and at most 3600, "
+                    f"not {self[option]!r}"
+                )
+            seconds[option] = value
+        return ConnectionLimits(
+            max_connections=counts["max-connections"],
+            max_client_connections=counts["max-client-connections"],
+            request_timeout=seconds["request-timeout"],
+            idle_timeout=seconds["idle-timeout"],
+        )
 
 
 def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
@@ -274,19 +334,108 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
             "can start backups",
             listen=config["listen"],
         )
-    strports.service(config["listen"], make_site(resource), reactor=reactor).setServiceParent(
-        service
-    )
+    site = make_site(resource, config["limits"], reactor)
+    strports.service(config["listen"], site, reactor=reactor).setServiceParent(service)
     return service
 
 
+#: Positional parameters of the server endpoint types that can bind a network
+#: interface, in Twisted's order (``twisted.internet.endpoints``), and the
+#: interface each binds when none is given (every one).
+_ENDPOINT_PARAMETERS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+}
+_DEFAULT_INTERFACES = {"tcp": "", "tcp6": "::", "ssl": ""}
+
+
+def endpoint_arguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """An endpoint description's positional and keyword arguments, as Twisted reads them.
+
+    ``:`` separates arguments, the first ``=`` of one makes it a keyword,
+    ``\\`` escapes the next character, and a keyword given twice keeps its
+    last value (``twisted.internet.endpoints._parse``).
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    current: list[str] = []
+    key: Optional[str] = None
+    chars = iter(description)
+
+    def done() -> None:
+        if key is None:
+            args.append("".join(current))
+        else:
+            kwargs[key] = "".join(current)
+
+    for char in chars:
+        if char == ":":
+            done()
+            current, key = [], None
+        elif char == "=" and key is None:
+            key, current = "".join(current), []
+        elif char == "\\":
+            current.append(next(chars, ""))
+        else:
+            current.append(char)
+    done()
+    return args, kwargs
+
+
+def _check_listen(description: str) -> None:
+    """Raise what is wrong with ``--listen`` now, not as a traceback from makeService.
+
+    Twisted reads an ``ssl:`` endpoint's key and certificate as it parses the
+    description; the key must be as protected as the token file.
+    """
+    args, kwargs = endpoint_arguments(description)
+    if args and args[0] == "ssl":
+        given = dict(zip(_ENDPOINT_PARAMETERS["ssl"], args[1:], strict=False))
+        key = kwargs.get("privateKey", given.get("privateKey", "server.pem"))
+        with open(key, "rb") as f:
+            check_secret_file(key, os.fstat(f.fileno()))
+    # Parsing stores the reactor and binds nothing.
+    endpoints.serverFromString(cast(Any, None), description)
+
+
+def _loopback_address(interface: str) -> bool:
+    if interface.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def _loopback_only(description: str) -> bool:
-    """Whether an endpoint string binds loopback (or a UNIX socket) only."""
-    kind, _, rest = description.partition(":")
+    """Whether an endpoint description binds loopback (or a UNIX socket) only.
+
+    The description is read as Twisted reads it (:func:`endpoint_arguments`):
+    ``tcp:8081:interface=127.0.0.1:interface=0.0.0.0`` binds 0.0.0.0.  Any
+    type this does not know (``systemd:``, plugins) counts as not loopback.
+    """
+    args, kwargs = endpoint_arguments(description)
+    kind = args[0].lower() if args else ""
     if kind == "unix":
         return True
-    for part in re.split(r"(?<!\\):", rest):
-        name, _, value = part.replace("\\:", ":").partition("=")
-        if name == "interface":
-            return value in ("127.0.0.1", "::1", "localhost") or value.startswith("127.")
-    return False
+    parameters = _ENDPOINT_PARAMETERS.get(kind)
+    if parameters is None:
+        return False
+    given = dict(zip(parameters, args[1:], strict=False))
+    if len(args) - 1 > len(parameters) or set(given) & set(kwargs):
+        return False  # Twisted refuses it at start anyway
+    interface = kwargs.get("interface", given.get("interface", _DEFAULT_INTERFACES[kind]))
+    return _loopback_address(interface)

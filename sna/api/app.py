@@ -24,6 +24,7 @@ from sna.api import render
 from sna.api.http import ApiError, json_response, read_json_object
 from sna.api.validation import (
     check_job_id,
+    check_vm_id,
     credentials,
     credentials_from_request,
     inventory_path,
@@ -301,21 +302,23 @@ class SnaAPI:
     @app.route("/api/v1/vm/<vm_id>/power-off", methods=["POST"])
     async def power_off(self, request: IRequest, vm_id: str) -> bytes:
         power = parse_power_request(read_json_object(request), default_timeout=300)
-        result = await self._vsphere.power_off(power.credentials, vm_id, power.force, power.timeout)
+        result = await self._vsphere.power_off(
+            power.credentials, check_vm_id(vm_id), power.force, power.timeout
+        )
         return json_response(request, result)
 
     @app.route("/api/v1/vm/<vm_id>/power-on", methods=["POST"])
     async def power_on(self, request: IRequest, vm_id: str) -> bytes:
         power = parse_power_request(read_json_object(request), default_timeout=600)
         result = await self._vsphere.power_on(
-            power.credentials, vm_id, power.wait_for_tools, power.timeout
+            power.credentials, check_vm_id(vm_id), power.wait_for_tools, power.timeout
         )
         return json_response(request, result)
 
     @app.route("/api/v1/vm/<vm_id>/power-state", methods=["GET"])
     async def power_state(self, request: IRequest, vm_id: str) -> bytes:
         creds = credentials_from_request(request)
-        return json_response(request, await self._vsphere.power_state(creds, vm_id))
+        return json_response(request, await self._vsphere.power_state(creds, check_vm_id(vm_id)))
 
     @app.route("/api/v1/cleanup", methods=["POST"])
     async def cleanup(self, request: IRequest) -> bytes:

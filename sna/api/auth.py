@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import re
+import stat
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -79,9 +81,36 @@ class BearerTokenAuthorization(Resource):
 
 
 def read_token(path: str) -> bytes:
-    """The token in ``path``: its first line, without surrounding whitespace."""
+    """The token in ``path``: its first line, without surrounding whitespace.
+
+    Refused (:class:`ValueError` saying why) unless the file is protected as
+    PostgreSQL wants its server key: owned by the daemon's user and
+    readable by no one else (0600 or stricter), or owned by root and at most
+    readable by its group (0640), so that an administrator can give it to
+    the service's group without giving it the right to change it.
+    """
     with open(path, "rb") as f:
+        check_secret_file(path, os.fstat(f.fileno()))
         token = f.readline().strip()
     if not token:
         raise ValueError(f"{path} holds no token")
     return token
+
+
+def check_secret_file(path: str, status: os.stat_result) -> None:
+    """:class:`ValueError` if the file described by ``status`` (the token, the
+    API's TLS key) may be read or changed by users other than the daemon's and root."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    mode = stat.S_IMODE(status.st_mode)
+    allowed = 0o640 if status.st_uid == 0 else 0o600
+    if status.st_uid not in (0, os.geteuid()):
+        raise ValueError(
+            f"{path} belongs to user {status.st_uid}, not to the daemon's user or root"
+        )
+    if mode & ~allowed & 0o777:
+        who = "others" if mode & 0o007 else "its group"
+        raise ValueError(
+            f"{path} can be read or changed by {who} (mode {mode:04o}); "
+            f"it must be {allowed:04o} or stricter (chmod 600 {path})"
+        )

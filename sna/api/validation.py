@@ -7,13 +7,16 @@ the Go SNA's messages where it had one (``vm_name is required``).
 
 from __future__ import annotations
 
+import math
+import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import attrs
 from twisted.web.iweb import IRequest
 
-from sna.api.http import ApiError
+from sna.api.http import MAX_JSON_INT, ApiError
 from sna.config import Settings, normalise_host
 from sna.contract import ids
 from sna.contract import targets as targets_grammar
@@ -41,8 +44,32 @@ _REQUIRED = (
 )
 
 
+#: Fields that may hold any character but NUL: secrets, which are masked
+#: wherever they could be shown, and the job id, which has its own rule.
+_ANY_TEXT = frozenset({"vcenter_password", "password", "job_id"})
+#: Characters no other text field may hold, because each of those fields can
+#: reach a log line, the job log or the client's argv: the ones a job id may
+#: not hold either (:data:`sna.contract.ids.JOB_ID_RULE`), control characters
+#: (Unicode Cc: C0 with TAB, CR, LF and ESC, DEL, C1) and lone surrogates.
+#: Everything else, spaces and non-ASCII letters included, is allowed: vCenter
+#: names may hold them.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def invalid(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid_request", message, field=field)
+
+
+def check_text(field: str, value: str) -> str:
+    """``value`` if it holds none of the characters :data:`_UNSAFE` names, else a 400."""
+    found = _UNSAFE.search(value)
+    if found is not None:
+        char = found.group()
+        kind = "a control character" if unicodedata.category(char) == "Cc" else "a lone surrogate"
+        raise invalid(
+            field, f"{field} has {kind} (U+{ord(char):04X}) at position {found.start() + 1}"
+        )
+    return value
 
 
 def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str]:
@@ -58,6 +85,8 @@ def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str
     limit = MAX_TARGETS_TEXT if field == "nbd_targets" else MAX_FIELD
     if len(value) > limit:
         raise invalid(field, f"{field} is too long ({len(value)} characters, at most {limit})")
+    if field not in _ANY_TEXT:
+        check_text(field, value)
     return value
 
 
@@ -161,11 +190,11 @@ def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tu
     seen: set[str] = set()
     pairs = []
     for raw_key, change_id in value.items():
-        key = raw_key.strip()
-        if key.isascii() and key.isdigit():
-            key = str(int(key))
+        key = targets_grammar.parse_disk_key(raw_key) or raw_key.strip()
         if key not in keys:
-            raise invalid(field, f"{field} names disk {raw_key!r}, which is not in nbd_targets")
+            raise invalid(
+                field, f"{field} names disk {raw_key[:20]!r}, which is not in nbd_targets"
+            )
         if key in seen:
             raise invalid(field, f"{field} names disk {key} twice")
         seen.add(key)
@@ -175,6 +204,7 @@ def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tu
             raise invalid(field, f"{field}[{key}] must be a string")
         if len(change_id) > MAX_CHANGE_ID:
             raise invalid(field, f"{field}[{key}] is longer than {MAX_CHANGE_ID} characters")
+        check_text(f"{field}[{key}]", change_id)
         if change_id.strip() in ("", PLACEHOLDER):
             continue
         pairs.append((key, change_id))
@@ -182,6 +212,7 @@ def _previous_change_ids(value: Any, targets: tuple[NbdTarget, ...]) -> tuple[tu
 
 
 def _number(body: Mapping[str, Any], field: str, integer: bool) -> float:
+    """A number of bytes (``integer``) or a rate: 0 to 2**63-1, or a finite float."""
     value = body.get(field, 0)
     if value is None:
         return 0
@@ -191,6 +222,8 @@ def _number(body: Mapping[str, Any], field: str, integer: bool) -> float:
         raise invalid(field, f"{field} must be an integer")
     if value < 0:
         raise invalid(field, f"{field} must not be negative")
+    if value > MAX_JSON_INT or not math.isfinite(value):
+        raise invalid(field, f"{field} must be at most {MAX_JSON_INT} (2**63-1)")
     return value
 
 
@@ -290,7 +323,14 @@ def inventory_path(captured: str) -> str:
     path = "/" + captured.strip("/")
     if path == "/" or "\0" in path or len(path) > MAX_FIELD:
         raise invalid("vm_path", "vm_path must be an inventory path like /DC1/vm/name")
-    return path
+    return check_text("vm_path", path)
+
+
+def check_vm_id(vm_id: str) -> str:
+    """A VM named in a URL (``/vm/{vm_id}/...``): a managed object id, a name or a path."""
+    if not vm_id.strip() or len(vm_id) > MAX_FIELD:
+        raise invalid("vm_id", f"vm_id must be 1 to {MAX_FIELD} characters, not blank")
+    return check_text("vm_id", vm_id)
 
 
 @attrs.frozen

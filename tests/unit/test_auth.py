@@ -48,6 +48,7 @@ def test_the_go_clients_pushes_from_loopback_need_no_token(harness: Harness) -> 
 def test_token_comes_from_a_file_never_argv(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("s3cret\n")
+    path.chmod(0o600)
     options = Options()
     options.parseOptions(["--auth-token-file", str(path)])
     assert options["auth-token"] == b"s3cret"

@@ -178,7 +178,8 @@ job_ids = st.text(
     min_size=1,
     max_size=255,
 ).filter(lambda t: t.strip() != "")
-words = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1)
+# What the API lets through in a user name or a VM path: no control characters.
+words = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1)
 change_id = st.text(
     st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=80
 ).filter(lambda t: t.strip() not in ("", "PLACEHOLDER"))
