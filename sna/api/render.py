@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Optional
 
-from sna.jobs.model import DiskState, Job, JobStatus
+from sna.jobs.model import DiskState, Job, JobStatus, SnapshotState, Stall
 from sna.nbd.relay import RelayStats
 
 MIB = 1024 * 1024
@@ -73,6 +73,34 @@ def disk(d: DiskState) -> dict[str, Any]:
     }
 
 
+def stalled(stall: Optional[Stall]) -> Optional[dict[str, Any]]:
+    """Why a running job makes no progress, since when; ``None`` while it does."""
+    if stall is None:
+        return None
+    return {
+        "on": stall.on,
+        "since": timestamp(stall.since),
+        "disk_key": stall.disk_key,
+        "message": stall.message or None,
+    }
+
+
+def snapshot(state: Optional[SnapshotState]) -> Optional[dict[str, Any]]:
+    """The job's ``sbak-`` snapshot and its removal; ``None`` when none was taken."""
+    if state is None:
+        return None
+    return {
+        "name": state.name,
+        "state": state.state,
+        "reason": state.reason,
+        "removal_attempts": state.attempts,
+        "next_attempt": timestamp(state.next_attempt),
+        "needs_credentials": state.needs_credentials,
+        "removed_by": state.removed_by,
+        "removed_at": timestamp(state.removed_at),
+    }
+
+
 def status(job: Job, sha: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """A job for operators and the SHA; ``sha`` is how its reports to the SHA stand."""
     return {
@@ -97,6 +125,8 @@ def status(job: Job, sha: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         "relay_bytes_to_hub": sum(d.bytes_to_hub for d in job.disks),
         "relay_bytes_from_hub": sum(d.bytes_from_hub for d in job.disks),
         "disks": [disk(d) for d in job.disks],
+        "stalled": stalled(job.stalled),
+        "snapshot": snapshot(job.snapshot),
         "sha": sha,
     }
 

@@ -3,8 +3,9 @@
 The client is its own process, started by the daemon (`sna.sbc.launcher`) once
 per job; it shares no state with the daemon and reports to it only through
 JSON-line events on stdout (``docs/sbc-events.md``).  It talks to vCenter with
-pyVmomi directly (blocking calls on one worker thread) and never imports the
-daemon's async vSphere layer (`sna.vmware`), the job model or the API.
+pyVmomi directly (blocking calls on worker threads, one at a time, each with a
+deadline) and never imports the daemon's async vSphere layer (`sna.vmware`),
+the job model or the API.
 
 Modules, from the bottom up:
 

@@ -96,7 +96,19 @@ class DiskCopy:
         self._stopped = stopped
         self._error: Optional[CopyError] = None
         self._writes: set[Deferred[None]] = set()
+        #: Reads under way, and waits on the target (drain, FLUSH): what a stall is on.
+        self._reading = 0
+        self._hub_waits = 0
         self._zeroes_supported = target.info.can_write_zeroes
+
+    def waiting_on(self) -> Optional[str]:
+        """What the copy waits for now: ``hub_write`` while the target has writes to
+        acknowledge (or a FLUSH), else ``source_read`` while reads are under way."""
+        if self._writes or self._hub_waits:
+            return "hub_write"
+        if self._reading:
+            return "source_read"
+        return None
 
     def _fail(self, error: CopyError) -> None:
         if self._error is None:
@@ -153,6 +165,7 @@ class DiskCopy:
             if op.kind is OpKind.ZERO:
                 self._track(self._zero(op.offset, op.length), op, "gap")
             else:
+                self._reading += 1
                 try:
                     data = await self._reader.read(op.offset, op.length)
                 except Exception as e:
@@ -164,6 +177,8 @@ class DiskCopy:
                         )
                     )
                     return
+                finally:
+                    self._reading -= 1
                 self.stats.bytes_read += len(data)
                 if len(data) != op.length:
                     self._fail(
@@ -180,6 +195,7 @@ class DiskCopy:
                     self._track(self._zero(op.offset, op.length), op, "zero")
                 else:
                     self._track(self._target.write(op.offset, data), op, "data")
+            self._hub_waits += 1
             try:
                 await self._target.drain()
             except Exception as e:
@@ -191,6 +207,8 @@ class DiskCopy:
                     )
                 )
                 return
+            finally:
+                self._hub_waits -= 1
 
     async def run(self) -> DiskStats:
         """Copy everything, wait for every acknowledgement, FLUSH; raise :class:`CopyError`."""
@@ -212,6 +230,7 @@ class DiskCopy:
         reason = self._stopped()
         if reason is not None:
             raise CopyError(self.disk_key, reason)
+        self._hub_waits += 1
         try:
             await self._target.flush()
         except Exception as e:
@@ -219,4 +238,6 @@ class DiskCopy:
                 self.disk_key,
                 f"{self._name}: FLUSH of {self._target_name} failed: {_describe(e)}",
             ) from None
+        finally:
+            self._hub_waits -= 1
         return self.stats

@@ -166,6 +166,24 @@ class EventWriter:
     def error(self, message: str, disk_key: Optional[str] = None, **extra: Value) -> None:
         self.emit(contract.ERROR, message=message or "unknown error", disk_key=disk_key, **extra)
 
+    def stall(self, on: str, seconds: float, message: str, disk_key: Optional[str] = None) -> None:
+        """No progress for ``seconds``, waiting on ``on`` (:data:`contract.STALL_ON`)."""
+        if on not in contract.STALL_ON:
+            raise ValueError(f"a stall is on one of {sorted(contract.STALL_ON)}, not {on!r}")
+        self.emit(
+            contract.STALL, on=on, seconds=round(seconds, 1), message=message, disk_key=disk_key
+        )
+
+    def resume(self, message: str) -> None:
+        self.emit(contract.RESUME, message=message)
+
+    def snapshot(self, name: str, state: str, message: Optional[str] = None) -> None:
+        if state not in contract.SNAPSHOT_STATES:
+            raise ValueError(
+                f"a snapshot is one of {sorted(contract.SNAPSHOT_STATES)}, not {state!r}"
+            )
+        self.emit(contract.SNAPSHOT, name=name, state=state, message=message)
+
     def done(self, message: str, **extra: Value) -> None:
         self.emit(contract.DONE, message=message, **extra)
         self._done = True

@@ -22,7 +22,7 @@ import enum
 import functools
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Union
+from typing import Optional, Union
 
 import attrs
 
@@ -89,28 +89,37 @@ def gaps(areas: Sequence[Area], capacity: int) -> list[Area]:
     return result
 
 
-def page_changed_areas(
-    query: Callable[[int], ChangeWindow], capacity: int, *, max_pages: int = 1_000_000
-) -> list[Area]:
-    """Every area ``query`` reports from offset 0 to ``capacity``, normalised.
+class ChangedAreaPager:
+    """The paging of ``QueryChangedDiskAreas`` over a disk, one answer at a time.
 
-    ``query(start)`` is one ``QueryChangedDiskAreas(..., startOffset=start, ...)``.
     vSphere answers for a window ``[startOffset, startOffset + length)``; the
-    next call starts where that window ends.  It is never called with
-    ``start == capacity`` (vSphere answers that with InvalidArgument), and an
-    answer that starts after the requested offset (bytes nobody reported on)
-    or makes no progress is an error rather than a silent hole or an endless loop.
+    next call starts where that window ends (:attr:`next_start`, ``None`` once
+    the disk is covered).  It is never asked for ``start == capacity``
+    (vSphere answers that with InvalidArgument), and an answer that starts
+    after the requested offset (bytes nobody reported on) or makes no
+    progress is an error rather than a silent hole or an endless loop.
     """
-    if capacity <= 0:
-        return []
-    found: list[Area] = []
-    start = 0
-    pages = 0
-    while start < capacity:
-        pages += 1
-        if pages > max_pages:
-            raise PagingError(f"more than {max_pages} QueryChangedDiskAreas pages")
-        window = query(start)
+
+    def __init__(self, capacity: int, *, max_pages: int = 1_000_000) -> None:
+        self._capacity = capacity
+        self._max_pages = max_pages
+        self._start = 0
+        self._pages = 0
+        self._found: list[Area] = []
+
+    @property
+    def next_start(self) -> Optional[int]:
+        """Where the next call starts, or ``None`` when every byte is covered."""
+        if self._start >= self._capacity:
+            return None
+        if self._pages >= self._max_pages:
+            raise PagingError(f"more than {self._max_pages} QueryChangedDiskAreas pages")
+        return self._start
+
+    def add(self, window: ChangeWindow) -> None:
+        """The answer to the call from :attr:`next_start`."""
+        start = self._start
+        self._pages += 1
         if window.start > start:
             raise PagingError(
                 f"QueryChangedDiskAreas from offset {start} answered from {window.start}: "
@@ -127,9 +136,26 @@ def page_changed_areas(
             lo = max(area.start, window.start)
             hi = min(area.end, end)
             if hi > lo:
-                found.append(Area(lo, hi - lo))
-        start = end
-    return normalise(found, capacity)
+                self._found.append(Area(lo, hi - lo))
+        self._start = end
+
+    def areas(self) -> list[Area]:
+        """Every area reported, normalised (call once :attr:`next_start` is ``None``)."""
+        return normalise(self._found, self._capacity)
+
+
+def page_changed_areas(
+    query: Callable[[int], ChangeWindow], capacity: int, *, max_pages: int = 1_000_000
+) -> list[Area]:
+    """Every area ``query`` reports from offset 0 to ``capacity``, normalised.
+
+    ``query(start)`` is one ``QueryChangedDiskAreas(..., startOffset=start, ...)``;
+    the paging rules are :class:`ChangedAreaPager`'s.
+    """
+    pager = ChangedAreaPager(capacity, max_pages=max_pages)
+    while (start := pager.next_start) is not None:
+        pager.add(query(start))
+    return pager.areas()
 
 
 class OpKind(enum.Enum):

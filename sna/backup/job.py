@@ -16,13 +16,24 @@
 4. per disk, copy the areas (:mod:`sna.backup.copier`, which ends with
    ``FLUSH``), and only then send ``disk_done`` with the snapshot's change ID;
 5. always: close or abort the connections, remove the snapshot (also after a
-   failure or a signal), log out; ``done`` only when all of it succeeded.
+   failure or a signal, retrying with backoff for ``--cleanup-timeout``, then
+   leaving it to sna's janitor with a ``snapshot`` event saying so), log out;
+   ``done`` only when all of it succeeded.
 
-Blocking pyVmomi calls run on one worker thread, one at a time.  Cancellation
-(SIGTERM/SIGINT, or a stalled copy) is cooperative: I/O is aborted, the
-current vCenter call is allowed to finish, and the cleanup runs as after any
-failure.  This module does not parse argv, configure logging or touch the
-reactor's lifetime (that is :mod:`sna.backup.cli`).
+Blocking pyVmomi calls run on the job's worker threads, one at a time, and
+each has a deadline (``--vcenter-timeout``): a call that overstays it is
+abandoned to its thread and fails the step.  vCenter tasks are looked at
+again and again, each look such a call, for at most ``--stall-timeout``.
+Cancellation (SIGTERM/SIGINT, or a copy stalled for ``--stall-timeout``) is
+cooperative: I/O is aborted, the current vCenter call is allowed to finish,
+and the cleanup runs as after any failure.
+
+A watchdog looks once a second at what the run waits on (a vCenter call or
+task, a read of the source, a write to the hub) and reports a ``stall`` after
+:data:`STALL_NOTICE` seconds without progress, and ``resume`` once it moves.
+
+This module does not parse argv, configure logging or touch the reactor's
+lifetime (that is :mod:`sna.backup.cli`).
 """
 
 from __future__ import annotations
@@ -34,9 +45,9 @@ from typing import Any, Optional, TypeVar
 import attrs
 from pyVmomi import vmodl
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,7 +55,7 @@ from sna.backup import tls
 from sna.backup.changeid import ChangeId, InvalidChangeId, parse_change_id, try_parse
 from sna.backup.copier import CopyError, DiskCopy, DiskStats
 from sna.backup.events import EventWriter
-from sna.backup.extents import Area, PagingError, page_changed_areas, plan, total
+from sna.backup.extents import Area, ChangedAreaPager, PagingError, plan, total
 from sna.backup.nbdkit import NbdkitError, VddkServers
 from sna.backup.options import PASSWORD_ENV, JobOptions, NbdAddress
 from sna.backup.reactor import ClientReactor
@@ -56,10 +67,11 @@ from sna.backup.readers import (
     connect_address,
 )
 from sna.backup.vsphere import Session, SnapshotDisk, moref
+from sna.contract import events as contract
 from sna.contract.disks import map_disks, sha_keys
 from sna.contract.targets import NbdTarget
 from sna.contract.tls import ssl_context
-from sna.contract.vcenter import VSphereError, fault_text
+from sna.contract.vcenter import TimedOut, VSphereError, fault_text
 from sna.nbd.client import NBDClient
 from sna.nbd.errors import NBDError
 
@@ -73,6 +85,39 @@ PROGRESS_INTERVAL = 1.0
 KEEPALIVE_INTERVAL = 300.0
 #: How long a polite NBD disconnect may take before the connection is dropped.
 CLOSE_TIMEOUT = 10.0
+#: Seconds without progress before a ``stall`` is reported (half the stall
+#: timeout when that is shorter), so sna shows it well within 30 s.
+STALL_NOTICE = 15.0
+#: The first pause between two looks at a vCenter task, then doubled up to the last.
+TASK_LOOK_DELAYS = (0.1, 2.0)
+#: The first pause between two attempts at removing the snapshot, then doubled up to the last.
+REMOVAL_RETRY_DELAYS = (1.0, 15.0)
+#: The longest a logout may take: it is a courtesy (the session times out anyway).
+LOGOUT_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Waiting:
+    """What the run waits for besides a disk's copy, since when (clock seconds).
+
+    ``on`` is what a stall would be on: ``vcenter`` for its calls and tasks,
+    ``source_read`` while the disks' readers open, ``hub_write`` while the
+    targets connect.
+    """
+
+    on: str
+    what: str
+    since: float
+
+
+@attrs.frozen
+class StallSeen:
+    """A stall the watchdog found: on what, since when, and what to tell."""
+
+    on: str
+    since: float
+    message: str
+    disk_key: Optional[str] = None
 
 
 class JobError(Exception):
@@ -223,7 +268,18 @@ class BackupJob:
         self._options = options
         self._events = events
         self._pool = reactor.pool
+        #: Calls on the worker threads, abandoned ones included (the pool stops only at 0).
         self._calls_in_flight = 0
+        #: The vCenter call or task the run waits for now, if any.
+        self._waiting: Optional[Waiting] = None
+        #: The stall last reported, until a ``resume``.
+        self._stall: Optional[StallSeen] = None
+        #: The disk copy under way, whose reads and writes a stall may be on.
+        self._copying: Optional[DiskCopy] = None
+        #: The cancellation came from the watchdog: the run failed, nobody cancelled it.
+        self._stalled_out = False
+        #: A signal came during the cleanup: the current removal attempt is the last.
+        self._hurry = False
         self._session: Optional[Session] = None
         self._vm: Any = None
         self._snapshot: Any = None
@@ -244,9 +300,14 @@ class BackupJob:
 
     # -- public -----------------------------------------------------------------------------
 
-    def cancel(self, reason: str, status: int = 1) -> None:
-        """Stop the run: abort I/O now; the cleanup (snapshot removal) still runs."""
+    def cancel(self, reason: str, status: int = 1, *, stalled: bool = False) -> None:
+        """Stop the run: abort I/O now; the cleanup (snapshot removal) still runs.
+
+        ``stalled``: the watchdog's doing; the error is ``reason`` itself, not a cancellation.
+        """
         if self._cancel_reason is not None:
+            if self._finishing:
+                self._hurry = True
             log.info(
                 "already stopping ({reason}); ignoring: {new}",
                 reason=self._cancel_reason,
@@ -255,7 +316,9 @@ class BackupJob:
             return
         self._cancel_reason = reason
         self._cancel_status = status
+        self._stalled_out = stalled
         if self._finishing:
+            self._hurry = True
             log.warn("{reason} during the cleanup: finishing the cleanup first", reason=reason)
             return
         log.warn("stopping: {reason}", reason=reason)
@@ -275,11 +338,17 @@ class BackupJob:
         except Exception as e:
             status = self._report_failure(e)
         finally:
-            for loop in (self._progress, self._keepalive):
-                if loop.running:
-                    loop.stop()
+            if self._keepalive.running:
+                self._keepalive.stop()
+            self._current = self._copying = None
         self._finishing = True
-        cleaned = await self._cleanup(success=status == 0)
+        try:
+            cleaned = await self._cleanup(success=status == 0, failed=status != 0)
+        finally:
+            # The watchdog also sees the cleanup (a removal that hangs is a stall).
+            if self._progress.running:
+                self._progress.stop()
+            self._stall_over("the run is over")
         if status == 0 and self._cancel_reason is not None:
             # A signal after the last disk_done: the data is safe, but the run was asked to stop.
             self._events.error(f"cancelled: {self._cancel_reason}")
@@ -303,14 +372,98 @@ class BackupJob:
         if self._cancel_reason is not None:
             raise Cancelled(self._cancel_reason)
 
-    async def _call(self, f: Callable[..., T], *args: Any) -> T:
-        """A blocking vCenter call on the job's one thread."""
-        self._calls_in_flight += 1
+    @property
+    def _call_timeout(self) -> float:
+        options = self._options
+        return min(options.vcenter_timeout, options.stall_timeout)
+
+    async def _call(
+        self, what: str, f: Callable[..., T], *args: Any, timeout: Optional[float] = None
+    ) -> T:
+        """A blocking vCenter call on a worker thread, given up after its deadline.
+
+        ``what`` names it in a stall and in the :class:`TimedOut` error.
+        Calls come one at a time; one given up stays on its thread (a daemon
+        thread) until its socket times out, and what it yields then is dropped.
+        """
+        outer = self._waiting
+        if outer is None:
+            self._waiting = Waiting("vcenter", what, self._clock.seconds())
+        limit = self._call_timeout if timeout is None else timeout
         try:
-            result: T = await deferToThreadPool(self._reactor.threads, self._pool, f, *args)
+            return await self._in_thread(f, *args).addTimeout(limit, self._clock)
+        except DeferTimeoutError:
+            raise TimedOut(
+                f"vCenter {self._options.endpoint} did not answer within {limit:g} s ({what})"
+            ) from None
         finally:
+            if outer is None:
+                self._waiting = None
+
+    def _in_thread(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``f(*args)`` on the pool; its result is dropped if the Deferred was cancelled."""
+        d: Deferred[T] = Deferred()
+        self._calls_in_flight += 1
+
+        def finished(success: bool, result: Any) -> None:
             self._calls_in_flight -= 1
-        return result
+            if d.called:
+                log.info("a vCenter call given up earlier has ended")
+                return
+            if success:
+                d.callback(result)
+            else:
+                d.errback(result)
+
+        def from_thread(success: bool, result: Any) -> None:
+            self._reactor.threads.callFromThread(finished, success, result)
+
+        self._pool.callInThreadWithCallback(from_thread, f, *args)
+        return d
+
+    async def _waiting_for(self, what: str, work: Coroutine[Any, Any, T], on: str = "vcenter") -> T:
+        """``work`` (several calls, pauses) seen by the watchdog as one wait on ``on``."""
+        outer = self._waiting
+        if outer is None:
+            self._waiting = Waiting(on, what, self._clock.seconds())
+        try:
+            return await work
+        finally:
+            if outer is None:
+                self._waiting = None
+
+    async def _task(
+        self, session: Session, what: str, start: Callable[..., Any], *args: Any
+    ) -> Any:
+        """Start a vCenter task, then look at it until it ends (its result) or
+        ``--stall-timeout`` has passed (:class:`TimedOut`; it goes on in vCenter)."""
+        return await self._waiting_for(
+            what, self._run_task(session, what, start, args, self._options.stall_timeout)
+        )
+
+    async def _run_task(
+        self,
+        session: Session,
+        what: str,
+        start: Callable[..., Any],
+        args: tuple[Any, ...],
+        limit: float,
+    ) -> Any:
+        deadline = self._clock.seconds() + limit
+        task = await self._call(what, start, *args)
+        delay, longest = TASK_LOOK_DELAYS
+        while True:
+            look = await self._call(what, session.look_at_task, task, what)
+            if look.ended:
+                return look.result
+            remaining = deadline - self._clock.seconds()
+            if remaining <= 0:
+                raise TimedOut(
+                    f"{what}: vCenter {self._options.endpoint}'s task has not ended after "
+                    f"{limit:g} s (it goes on in vCenter)"
+                )
+            await _sleep(self._clock, min(delay, remaining))
+            delay = min(delay * 2, longest)
 
     async def _backup(self) -> None:
         options = self._options
@@ -326,27 +479,43 @@ class BackupJob:
         session = self._session = await self._login()
         log.info("logged in to {where} ({about})", where=session.where, about=session.about)
         self._check()
-        vm = self._vm = await self._call(session.find_vm, options.vm_path)
+        vm = self._vm = await self._call(
+            f"finding VM {options.vm_path!r}", session.find_vm, options.vm_path
+        )
         name = options.snapshot_name
-        for leftover in await self._call(session.snapshots_named, vm, name):
+        for leftover in await self._call(
+            f"listing the snapshots of VM {options.vm_path!r}", session.snapshots_named, vm, name
+        ):
             # Only this job's own name: other jobs' snapshots are never touched.
             log.warn("removing leftover snapshot {name} of an earlier attempt", name=name)
-            await self._call(session.remove_snapshot, leftover, name)
+            await self._task(
+                session,
+                f"removing leftover snapshot {name}",
+                session.start_remove_snapshot,
+                leftover,
+            )
         await self._ensure_cbt(session, vm)
         self._check()
 
         self._events.phase("snapshot", f"Creating snapshot {name}")
         self._snapshot_requested = True
-        self._snapshot = await self._call(
-            session.create_snapshot,
+        self._snapshot = await self._task(
+            session,
+            f"creating snapshot {name} of VM {options.vm_path!r}",
+            session.start_create_snapshot,
             vm,
             name,
             f"Sendense backup {options.job_id} (removed when the backup ends)",
             options.quiesce,
         )
+        if self._snapshot is None:
+            raise VSphereError(f"creating snapshot {name!r} returned no snapshot")
         log.info("snapshot {name} created", name=name)
+        self._events.snapshot(name, contract.SNAPSHOT_CREATED)
         self._check()
-        disks = await self._call(session.snapshot_disks, self._snapshot)
+        disks = await self._call(
+            f"reading the disks of snapshot {name}", session.snapshot_disks, self._snapshot
+        )
         mapping = map_targets(disks, options.targets)
         for disk in disks:
             target = mapping[disk.key]
@@ -367,7 +536,9 @@ class BackupJob:
                     target.disk_key,
                 )
             self._disks.append(DiskRun(disk, target, change_id))
-        await self._connect_targets()
+        await self._waiting_for(
+            "connecting to the targets", self._connect_targets(), on="hub_write"
+        )
         await self._open_readers(session)
         await self._plan()
 
@@ -432,9 +603,12 @@ class BackupJob:
             )
 
     async def _ensure_cbt(self, session: Session, vm: Any) -> None:
-        if await self._call(session.cbt_enabled, vm):
+        where = f"VM {self._options.vm_path!r}"
+        if await self._call(f"reading CBT of {where}", session.cbt_enabled, vm):
             return
-        snapshots = await self._call(session.snapshot_names, vm)
+        snapshots = await self._call(
+            f"listing the snapshots of {where}", session.snapshot_names, vm
+        )
         if snapshots:
             raise JobError(
                 f"CBT is off on VM {self._options.vm_path!r} and the VM has snapshots "
@@ -442,7 +616,7 @@ class BackupJob:
                 "without snapshots; remove them (or enable CBT yourself), then retry"
             )
         log.info("enabling CBT on VM {vm} (it has no snapshots)", vm=self._options.vm_path)
-        await self._call(session.enable_cbt, vm)
+        await self._task(session, f"enabling CBT on {where}", session.start_enable_cbt, vm)
 
     async def _each_disk(self, work: Callable[[DiskRun], Coroutine[Any, Any, None]]) -> None:
         """``work`` for every disk at once (a VM's disks open in the time of one);
@@ -492,6 +666,7 @@ class BackupJob:
         assert options.vddk_libdir is not None
         try:
             thumbprint = await self._call(
+                "reading vCenter's certificate",
                 tls.server_thumbprint,
                 options.host,
                 options.port,
@@ -521,8 +696,10 @@ class BackupJob:
     async def _open_readers(self, session: Session) -> None:
         options = self._options
         if options.reader == "folder":
-            cookie = await self._call(session.session_cookie)
-            datacenter = await self._call(session.datacenter_path, self._vm)
+            cookie = await self._call("reading the session cookie", session.session_cookie)
+            datacenter = await self._call(
+                "finding the VM's datacenter", session.datacenter_path, self._vm
+            )
             context = ssl_context(options.tls)
 
             def folder_reader(run: DiskRun) -> IDiskReader:
@@ -539,7 +716,11 @@ class BackupJob:
                 )
 
             # Each reader's TLS handshake and probe read, for every disk at once.
-            await self._each_disk(lambda run: self._open_reader(run, folder_reader(run)))
+            await self._waiting_for(
+                "opening the disks' sources",
+                self._each_disk(lambda run: self._open_reader(run, folder_reader(run))),
+                on="source_read",
+            )
             return
         servers = await self._vddk_servers() if options.reader == "vddk" else None
         for run in self._disks:
@@ -557,7 +738,11 @@ class BackupJob:
                     run.key,
                 )
             reader = NbdReader(self._reactor, address, run.disk, options.connect_timeout)
-            await self._open_reader(run, reader)
+            await self._waiting_for(
+                f"opening the source of {run.name}",
+                self._open_reader(run, reader),
+                on="source_read",
+            )
 
     async def _open_reader(self, run: DiskRun, reader: IDiskReader) -> None:
         run.reader = reader
@@ -570,15 +755,21 @@ class BackupJob:
     async def _areas(self, run: DiskRun, change_id: str) -> list[Area]:
         session, vm, snapshot = self._session, self._vm, self._snapshot
         assert session is not None
-        key, capacity = run.disk.key, run.disk.capacity
-
-        def query() -> list[Area]:
-            return page_changed_areas(
-                lambda start: session.changed_window(vm, snapshot, key, start, change_id),
-                capacity,
+        key = run.disk.key
+        pager = ChangedAreaPager(run.disk.capacity)
+        # One call per page, each with its deadline.
+        while (start := pager.next_start) is not None:
+            window = await self._call(
+                f"QueryChangedDiskAreas of {run.name} from offset {start}",
+                session.changed_window,
+                vm,
+                snapshot,
+                key,
+                start,
+                change_id,
             )
-
-        return await self._call(query)
+            pager.add(window)
+        return pager.areas()
 
     async def _copy(self, run: DiskRun) -> None:
         options = self._options
@@ -632,7 +823,7 @@ class BackupJob:
         self._last_tick = (run.started, 0)
         self._last_change = run.started
         self._events.progress(run.key, 0, stats.bytes_total, 0.0)
-        copy = DiskCopy(
+        copy = self._copying = DiskCopy(
             run.key,
             run.reader,
             run.client,
@@ -646,7 +837,7 @@ class BackupJob:
         await copy.run()
         # Flushed: the bytes the change ID describes are durable on the target.
         elapsed = max(self._clock.seconds() - run.started, 1e-6)
-        self._current = None
+        self._current = self._copying = None
         run.done = True
         self._events.progress(
             run.key, stats.bytes_done, stats.bytes_total, stats.bytes_done / elapsed
@@ -681,23 +872,89 @@ class BackupJob:
     # -- progress and the stall watchdog ---------------------------------------------------
 
     def _tick(self) -> None:
-        run = self._current
-        if run is None or run.stats is None:
-            return
         now = self._clock.seconds()
-        done = run.stats.bytes_done
-        then, before = self._last_tick
-        rate = (done - before) / (now - then) if now > then else 0.0
-        self._last_tick = (now, done)
-        self._events.progress(run.key, done, run.stats.bytes_total, max(rate, 0.0))
-        if done != before:
-            self._last_change = now
-        elif now - self._last_change > self._options.stall_timeout:
-            self.cancel(
-                f"{run.name}: no progress for {self._options.stall_timeout:g} s "
-                f"(source {run.reader.description if run.reader else '?'}, "
-                f"target {run.target.describe()})"
+        run = self._current
+        if run is not None and run.stats is not None:
+            done = run.stats.bytes_done
+            then, before = self._last_tick
+            rate = (done - before) / (now - then) if now > then else 0.0
+            self._last_tick = (now, done)
+            self._events.progress(run.key, done, run.stats.bytes_total, max(rate, 0.0))
+            if done != before:
+                self._last_change = now
+        self._watch(now)
+
+    @property
+    def _stall_notice(self) -> float:
+        return min(STALL_NOTICE, self._options.stall_timeout / 2)
+
+    def _stalled_on(self, now: float) -> Optional[StallSeen]:
+        """What the run waits on now, and since when; ``None`` while it moves."""
+        waiting = self._waiting
+        if waiting is not None:
+            where = f"vCenter {self._options.endpoint}: " if waiting.on == "vcenter" else ""
+            return StallSeen(
+                waiting.on,
+                waiting.since,
+                f"{where}{waiting.what}, no end after {now - waiting.since:.0f} s",
             )
+        run, copy = self._current, self._copying
+        if run is None or copy is None:
+            return None
+        on = copy.waiting_on() or "source_read"
+        if on == "hub_write":
+            where = f"no write acknowledged by target {run.target.describe()}"
+        else:
+            source = run.reader.description if run.reader is not None else "the source"
+            where = f"no bytes from {source}"
+        return StallSeen(
+            on,
+            self._last_change,
+            f"{run.name}: {where} for {now - self._last_change:.0f} s",
+            run.key,
+        )
+
+    def _watch(self, now: float) -> None:
+        """Report a stall once it has lasted :attr:`_stall_notice`, its end once it ends;
+        end a copy that has stalled for ``--stall-timeout``."""
+        seen = self._stalled_on(now)
+        if seen is not None and now - seen.since < self._stall_notice:
+            seen = None
+        reported = self._stall
+        if reported is not None and (
+            seen is None
+            or (seen.on, seen.since, seen.disk_key)
+            != (reported.on, reported.since, reported.disk_key)
+        ):
+            self._stall_over(f"the wait is over after {now - reported.since:.0f} s")
+        if seen is not None and self._stall is None:
+            self._stall = seen
+            log.warn("stalled: {message}", message=seen.message)
+            self._events.stall(seen.on, now - seen.since, seen.message, seen.disk_key)
+        if (
+            seen is not None
+            and self._copying is not None
+            and self._waiting is None
+            and now - seen.since > self._options.stall_timeout
+            and self._cancel_reason is None
+        ):
+            run = self._current
+            target = run.target.describe() if run is not None else "?"
+            source = run.reader.description if run is not None and run.reader else "?"
+            what = "the target's write acknowledgements" if seen.on == "hub_write" else "the source"
+            self.cancel(
+                f"{run.name if run else 'the copy'}: no progress for "
+                f"{self._options.stall_timeout:g} s, waiting on {what} "
+                f"(source {source}, target {target}); --stall-timeout ends the run",
+                stalled=True,
+            )
+
+    def _stall_over(self, message: str) -> None:
+        if self._stall is None:
+            return
+        self._stall = None
+        log.info("no longer stalled: {message}", message=message)
+        self._events.resume(message)
 
     def _keep_session(self) -> None:
         # A copy can outlast vCenter's idle-session timeout; without a SOAP call
@@ -709,12 +966,21 @@ class BackupJob:
         def failed(failure: Failure) -> None:
             log.warn("vCenter keepalive failed: {error}", error=failure.getErrorMessage())
 
-        Deferred.fromCoroutine(self._call(session.keepalive)).addErrback(failed)
+        # Not a wait of the run's (the watchdog looks at the copy then), and short.
+        keepalive = self._in_thread(session.keepalive).addTimeout(self._call_timeout, self._clock)
+        keepalive.addErrback(failed)
 
     # -- failure and cleanup ---------------------------------------------------------------
 
     def _report_failure(self, error: Exception) -> int:
         disk_key = getattr(error, "disk_key", None)
+        if self._cancel_reason is not None and self._stalled_out:
+            message = self._cancel_reason
+            if self._current is not None:
+                disk_key = self._current.key
+            log.error("backup failed: {message}", message=message)
+            self._events.error(message, disk_key=disk_key)
+            return self._cancel_status
         if self._cancel_reason is not None:
             if isinstance(error, Cancelled) or self._current is None:
                 message = f"cancelled: {self._cancel_reason}"
@@ -734,8 +1000,12 @@ class BackupJob:
         self._events.error(message, disk_key=disk_key)
         return 1
 
-    async def _cleanup(self, success: bool) -> bool:
-        """Close connections, remove the snapshot, log out; False if the snapshot may remain."""
+    async def _cleanup(self, success: bool, failed: bool) -> bool:
+        """Close connections, remove the snapshot, log out; False if the snapshot may remain.
+
+        ``failed``: the run has already reported why it failed, and that stays
+        its error; a snapshot left behind is then told in a ``snapshot`` event only.
+        """
         name = self._options.snapshot_name
         self._events.phase(
             "cleanup",
@@ -756,59 +1026,109 @@ class BackupJob:
         if self._vddk is not None:
             await self._vddk.stop()
         ok = True
-        session = self._session
-        if self._snapshot_requested and session is not None:
-            ok = await self._remove_snapshot(session, name)
+        if self._snapshot_requested and self._session is not None:
+            ok = await self._waiting_for(
+                f"removing snapshot {name}", self._remove_snapshot(name, failed)
+            )
         if self._session is not None:
-            await self._call(self._session.logout)
+            try:
+                await self._call(
+                    "logging out",
+                    self._session.logout,
+                    timeout=min(LOGOUT_TIMEOUT, self._call_timeout),
+                )
+            except TimedOut as e:
+                log.warn("{error}; the session times out by itself", error=str(e))
         return ok
 
     async def _login(self) -> Session:
         options = self._options
         return await self._call(
+            f"logging in as {options.user}",
             Session.login,
             options.host,
             options.port,
             options.user,
             options.password,
             ssl_context(options.tls),
-            options.io_timeout,
+            # A call given up leaves its thread soon after.
+            min(options.io_timeout, self._call_timeout),
         )
 
-    async def _remove_snapshot(self, session: Session, name: str) -> bool:
-        error: Optional[Exception] = None
-        for attempt in (1, 2):
+    async def _remove_snapshot(self, name: str, failed: bool) -> bool:
+        """Remove the snapshot, retrying with backoff for ``--cleanup-timeout``.
+
+        Each attempt after the first logs in again (vCenter may have restarted,
+        the session expired) and finds the snapshot by its name: none left is
+        success.  Giving up sends ``snapshot`` ``remains`` (sna's janitor goes
+        on), and an ``error`` only when nothing else failed the run.
+        """
+        options = self._options
+        deadline = self._clock.seconds() + options.cleanup_timeout
+        delay, longest = REMOVAL_RETRY_DELAYS
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                if attempt == 2:
-                    # The session may have expired (a long copy, vCenter restarted):
-                    # a new one finds the snapshot again by its name.
-                    session = self._session = await self._login()
-                    vm = await self._call(session.find_vm, self._options.vm_path)
-                    snapshots = await self._call(session.snapshots_named, vm, name)
-                elif self._snapshot is not None:
-                    snapshots = [self._snapshot]
-                else:
-                    snapshots = await self._call(session.snapshots_named, self._vm, name)
-                for snapshot in snapshots:
-                    await self._call(session.remove_snapshot, snapshot, name)
-                self._snapshot = None
-                log.info("snapshot {name} removed", name=name)
-                return True
+                await self._remove_once(name, attempt, deadline)
             except Exception as e:
-                error = e
+                error = _describe(e)
                 log.warn(
                     "removing snapshot {name} failed (attempt {attempt}): {error}",
                     name=name,
                     attempt=attempt,
-                    error=str(e),
+                    error=error,
                 )
-                if attempt == 1:
-                    await _sleep(self._clock, 2.0)
-        self._events.error(
-            f"snapshot {name} of VM {self._options.vm_path!r} could not be removed: {error}; "
-            "remove it in vCenter"
+            else:
+                self._snapshot = None
+                log.info("snapshot {name} removed", name=name)
+                self._events.snapshot(name, contract.SNAPSHOT_REMOVED)
+                return True
+            remaining = deadline - self._clock.seconds()
+            if remaining <= 0 or self._hurry:
+                break
+            await _sleep(self._clock, min(delay, remaining))
+            delay = min(delay * 2, longest)
+        message = (
+            f"snapshot {name} of VM {options.vm_path!r} could not be removed "
+            f"({attempt} attempt{'s' if attempt != 1 else ''}; last: {error}); "
+            "it is left to sna's janitor, or remove it in vCenter"
         )
+        log.error("{message}", message=message)
+        self._events.snapshot(name, contract.SNAPSHOT_REMAINS, message)
+        if not failed:
+            self._events.error(message)
         return False
+
+    async def _remove_once(self, name: str, attempt: int, deadline: float) -> None:
+        session = self._session
+        assert session is not None
+        what = f"removing snapshot {name}"
+        if attempt > 1:
+            # The session may have expired (a long copy, vCenter restarted):
+            # a new one finds the snapshot again by its name.
+            session = self._session = await self._login()
+            self._vm = await self._call(
+                f"finding VM {self._options.vm_path!r}", session.find_vm, self._options.vm_path
+            )
+            self._snapshot = None
+        if self._snapshot is not None:
+            snapshots = [self._snapshot]
+        else:
+            snapshots = await self._call(
+                f"looking for snapshot {name}", session.snapshots_named, self._vm, name
+            )
+        for snapshot in snapshots:
+            limit = min(self._options.stall_timeout, deadline - self._clock.seconds())
+            await self._run_task(session, what, session.start_remove_snapshot, (snapshot,), limit)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, vmodl.MethodFault):
+        return f"vCenter: {fault_text(error)}"
+    if isinstance(error, (VSphereError, JobError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:

@@ -82,7 +82,12 @@ class JobOptions:
     max_in_flight_bytes: int = 64 * MiB
     connect_timeout: float = 30.0
     io_timeout: float = 120.0
-    stall_timeout: float = 600.0
+    #: Seconds without progress before the run gives up (a copy, a vCenter task).
+    stall_timeout: float = cli.DEFAULT_STALL_TIMEOUT
+    #: The deadline of one vCenter call (a login, a lookup, one look at a task).
+    vcenter_timeout: float = 60.0
+    #: How long the client keeps trying to remove its snapshot before leaving it to sna.
+    cleanup_timeout: float = 120.0
     debug: bool = False
     #: The password came from --vmware-password (visible in ps), not the environment.
     password_from_argv: bool = False
@@ -214,7 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reads-in-flight", type=_positive(int), default=4)
     p.add_argument("--connect-timeout", type=_positive(float), default=30.0)
     p.add_argument("--io-timeout", type=_positive(float), default=120.0)
-    p.add_argument("--stall-timeout", type=_positive(float), default=600.0)
+    p.add_argument(
+        "--vcenter-timeout",
+        type=cli.seconds,
+        default=60.0,
+        help="seconds one vCenter call may take (a login, a lookup, a look at a task)",
+    )
+    p.add_argument(
+        "--cleanup-timeout",
+        type=cli.seconds,
+        default=120.0,
+        help="seconds the client keeps retrying the removal of its snapshot (sna's "
+        "janitor goes on after that)",
+    )
     return p
 
 
@@ -317,7 +334,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> JobOptions:
         reads_in_flight=int(args.reads_in_flight),
         connect_timeout=float(args.connect_timeout),
         io_timeout=float(args.io_timeout),
-        stall_timeout=float(args.stall_timeout),
+        stall_timeout=job.stall_timeout or cli.DEFAULT_STALL_TIMEOUT,
+        vcenter_timeout=float(args.vcenter_timeout),
+        cleanup_timeout=float(args.cleanup_timeout),
         debug=bool(args.debug),
         password_from_argv=not environ.get(cli.PASSWORD_ENV),
     )

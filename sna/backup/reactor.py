@@ -6,7 +6,7 @@ descriptors for the ``/folder`` reader, processes for nbdkit, and the way
 back from the vSphere worker thread.  :class:`ClientReactor` names each, so
 code says which it uses and mypy checks it, as the daemon's parts do with
 their ``IReactorTime`` or ``IReactorProcess`` arguments.  It also carries the
-job's one worker thread (its vSphere calls, name lookups): nothing in the
+job's worker threads (its vSphere calls, name lookups): nothing in the
 client uses the global reactor's thread pool.
 """
 
@@ -26,13 +26,17 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.threadpool import ThreadPool
 
+#: Worker threads: the job's calls come one at a time, but a call it gave up on
+#: (past its deadline) keeps its thread until its socket times out.
+WORKER_THREADS = 4
+
 
 class WorkerPool(ThreadPool):
-    """The job's one worker thread; a daemon thread, so a vCenter call stuck in a
+    """The job's worker threads; daemon threads, so a vCenter call stuck in a
     socket cannot keep the process alive after the run has given up on it."""
 
     def __init__(self) -> None:
-        super().__init__(minthreads=1, maxthreads=1, name="vsphere")
+        super().__init__(minthreads=1, maxthreads=WORKER_THREADS, name="vsphere")
 
     def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
         return threading.Thread(*args, daemon=True, **kwargs)
@@ -46,7 +50,8 @@ class ClientReactor:
     fds: IReactorFDSet
     processes: IReactorProcess
     threads: IReactorFromThreads
-    #: Blocking calls run here, one at a time (started and stopped by the job).
+    #: Blocking calls run here, one at a time (started and stopped by the job); one
+    #: given up past its deadline keeps a thread, and the next call runs on another.
     pool: ThreadPool
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The client's vCenter session: blocking pyVmomi calls, one thread at a time.
+"""The client's vCenter session: blocking pyVmomi calls, one at a time.
 
 :class:`Session` wraps one logged-in ServiceInstance and offers what a backup
 needs: the VM by inventory path, CBT state and enabling it, the job's
@@ -6,22 +6,27 @@ snapshot (create, find by exact name, remove), the snapshot's disks with their
 backing file and change ID, one ``QueryChangedDiskAreas`` window, and the
 session cookie that authenticates datastore ``/folder`` downloads.
 
-Every method blocks; :mod:`sna.backup.job` runs them on a one-thread pool,
-so calls never overlap.  Faults become :class:`VSphereError` with a message
-that names the object and vSphere's own text.  This module keeps no global
+Every method blocks and makes one request (or a few, for a login); tasks
+are only started here, and :mod:`sna.backup.job` looks at them again and
+again, so that each call it makes has a deadline and no call waits for a
+task to end.  Faults become :class:`VSphereError` with a message that names
+the object and vSphere's own text.  This module keeps no global
 state, logs no secret, and knows nothing of NBD, events or Twisted.
 """
 
 from __future__ import annotations
 
+import http.client
 import re
 import ssl
 from typing import Any, Optional
+from xml.etree import ElementTree
 
 import attrs
-from pyVim.connect import Disconnect, SmartConnect
-from pyVim.task import WaitForTask
+from pyVim.connect import Disconnect
 from pyVmomi import vim, vmodl
+from pyVmomi.SoapAdapter import SoapStubAdapter
+from pyVmomi.VmomiSupport import GetServiceVersions, versionIdMap
 from twisted.logger import Logger
 
 from sna.backup.extents import Area, ChangeWindow
@@ -50,6 +55,14 @@ class SnapshotDisk:
     has_parent: bool
 
 
+@attrs.frozen
+class TaskLook:
+    """A vCenter task as one look at it found it."""
+
+    ended: bool
+    result: Any = None
+
+
 def _disk_from_device(device: Any) -> SnapshotDisk:
     backing = device.backing
     capacity = device.capacityInBytes or (device.capacityInKB or 0) * 1024
@@ -70,6 +83,38 @@ def _disk_from_device(device: Any) -> SnapshotDisk:
     )
 
 
+#: The version document is small; anything bigger is not a vCenter.
+MAX_VERSION_DOCUMENT = 1 << 20
+
+
+def _api_version(host: str, port: int, context: ssl.SSLContext, timeout: float) -> str:
+    """The newest vim25 API version both pyVmomi and the server speak."""
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    try:
+        conn.request("GET", "/sdk/vimServiceVersions.xml")
+        response = conn.getresponse()
+        body = response.read(MAX_VERSION_DOCUMENT)
+    finally:
+        conn.close()
+    where = f"vCenter {host}:{port}"
+    if response.status != 200:
+        raise VSphereError(f"{where} answered {response.status} for /sdk/vimServiceVersions.xml")
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as e:
+        raise VSphereError(f"{where}: unreadable /sdk/vimServiceVersions.xml: {e}") from None
+    supported: set[str] = set()
+    for namespace in root.findall("namespace"):
+        if namespace.findtext("name") == "urn:vim25":
+            supported.add(namespace.findtext("version") or "")
+            supported.update(v.text or "" for v in namespace.findall("priorVersions/version"))
+    for version in GetServiceVersions("vim25"):  # type: ignore[no-untyped-call]
+        if versionIdMap[version] in supported:
+            chosen: str = version
+            return chosen
+    raise VSphereError(f"{where} speaks no vim25 API version pyVmomi knows ({sorted(supported)})")
+
+
 def moref(managed_object: Any) -> str:
     """``vm-123``, ``snapshot-456``: the id nbdkit-vddk's ``vm=moref=`` and ``snapshot=`` want."""
     return str(managed_object._moId)
@@ -78,9 +123,11 @@ def moref(managed_object: Any) -> str:
 class Session:
     """One logged-in vCenter session."""
 
-    def __init__(self, service_instance: Any, where: str) -> None:
+    def __init__(self, service_instance: Any, where: str, about: str = "") -> None:
         self._si = service_instance
         self.where = where
+        #: What the server says it is (read at login, so no call is needed to log it).
+        self.about = about
 
     @classmethod
     def login(
@@ -92,27 +139,35 @@ class Session:
         context: ssl.SSLContext,
         timeout: float,
     ) -> Session:
+        """Log in; every request of it, the API version's included, times out after
+        ``timeout`` seconds of silence (pyVmomi's ``SmartConnect`` asks for the
+        version without any)."""
         where = f"vCenter {host}:{port}"
         try:
-            si = SmartConnect(  # type: ignore[no-untyped-call]
+            version = _api_version(host, port, context, timeout)
+            stub = SoapStubAdapter(  # type: ignore[no-untyped-call]
                 host=host,
                 port=port,
-                user=user,
-                pwd=password,
+                version=version,
+                path="/sdk",
                 sslContext=context,
                 httpConnectionTimeout=timeout,
             )
+            service_instance: Any = vim.ServiceInstance
+            si = service_instance("ServiceInstance", stub)
+            try:
+                content = si.RetrieveContent()
+                content.sessionManager.Login(user, password, None)
+            except BaseException:
+                stub.DropConnections()  # type: ignore[no-untyped-call]
+                raise
         except vmodl.MethodFault as e:
             raise VSphereError(f"cannot log in to {where}: {fault_text(e)}") from None
         except ssl.SSLError as e:
             raise VSphereError(f"TLS with {where} failed: {e}") from None
         except OSError as e:
             raise VSphereError(f"cannot reach {where}: {e}") from None
-        return cls(si, where)
-
-    @property
-    def about(self) -> str:
-        return str(self._si.content.about.fullName)
+        return cls(si, where, str(content.about.fullName))
 
     def session_cookie(self) -> str:
         """``vmware_soap_session=...``: what authenticates ``/folder`` requests."""
@@ -169,25 +224,31 @@ class Session:
         trees = walk_snapshots(info.rootSnapshotList if info else [])
         return [tree.snapshot for tree in trees if tree.name == name]
 
-    def enable_cbt(self, vm: Any) -> None:
-        spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)  # type: ignore[no-untyped-call]
-        self._wait(vm.ReconfigVM_Task(spec=spec), f"enabling CBT on VM {vm.name!r}")
+    # -- tasks: started here, watched by the job (each look is one bounded call) -----
 
-    def create_snapshot(self, vm: Any, name: str, description: str, quiesce: bool) -> Any:
-        task = vm.CreateSnapshot_Task(
+    def start_enable_cbt(self, vm: Any) -> Any:
+        spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)  # type: ignore[no-untyped-call]
+        return vm.ReconfigVM_Task(spec=spec)
+
+    def start_create_snapshot(self, vm: Any, name: str, description: str, quiesce: bool) -> Any:
+        return vm.CreateSnapshot_Task(
             name=name, description=description, memory=False, quiesce=quiesce
         )
-        self._wait(task, f"creating snapshot {name!r} of VM {vm.name!r}")
-        snapshot = task.info.result
-        if snapshot is None:
-            raise VSphereError(f"creating snapshot {name!r} returned no snapshot")
-        return snapshot
 
-    def remove_snapshot(self, snapshot: Any, what: str) -> None:
-        self._wait(
-            snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
-            f"removing snapshot {what}",
-        )
+    def start_remove_snapshot(self, snapshot: Any) -> Any:
+        return snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+
+    def look_at_task(self, task: Any, what: str) -> TaskLook:
+        """One look at a task: whether it has ended, and its result.  A failed task
+        raises :class:`VSphereError` naming ``what``."""
+        try:
+            info = task.info
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"{what}: cannot read its task: {fault_text(e)}") from None
+        state = str(info.state)
+        if state == "error":
+            raise VSphereError(f"{what} failed: {fault_text(info.error)}")
+        return TaskLook(ended=state == "success", result=info.result)
 
     def snapshot_disks(self, snapshot: Any) -> list[SnapshotDisk]:
         devices = snapshot.config.hardware.device
@@ -202,9 +263,3 @@ class Session:
         )
         areas = tuple(Area(int(a.start), int(a.length)) for a in (info.changedArea or []))
         return ChangeWindow(int(info.startOffset), int(info.length), areas)
-
-    def _wait(self, task: Any, what: str) -> None:
-        try:
-            WaitForTask(task)  # type: ignore[no-untyped-call]
-        except vmodl.MethodFault as e:
-            raise VSphereError(f"{what} failed: {fault_text(e)}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -47,6 +48,9 @@ PREVIOUS_CAPACITIES = "--previous-capacities"
 THUMBPRINT = "--vcenter-thumbprint"
 CA_FILE = "--vcenter-ca-file"
 INSECURE = "--insecure"
+STALL_TIMEOUT = "--stall-timeout"
+#: The client's stall timeout when the daemon passes none (``--stall-timeout``).
+DEFAULT_STALL_TIMEOUT = 600.0
 
 BACKUP_TYPES = ("full", "incremental")
 
@@ -75,6 +79,8 @@ class JobArguments:
     thumbprint: Optional[str] = None
     ca_file: Optional[str] = None
     insecure: bool = False
+    #: Seconds without progress after which the client gives up (None: its default).
+    stall_timeout: Optional[float] = None
 
 
 def option(name: str, value: str) -> str:
@@ -91,6 +97,22 @@ def option_value(argv: Sequence[str], name: str) -> Optional[str]:
         if word == name and index + 1 < len(argv):
             return argv[index + 1]
     return None
+
+
+def format_seconds(value: float) -> str:
+    """Seconds as a flag's value: ``600``, ``2.5`` (what :func:`seconds` reads back)."""
+    return f"{value:g}" if value == int(value) and abs(value) < 1e15 else repr(value)
+
+
+def seconds(text: str) -> float:
+    """A flag's value in seconds: a finite number above zero (``argparse`` type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
 
 
 def _json(pairs: Sequence[tuple[str, object]]) -> str:
@@ -127,6 +149,8 @@ def build(job: JobArguments, legacy: bool = False) -> list[str]:
             flags.append(INSECURE)
         if job.ca_file:
             values.append((CA_FILE, job.ca_file))
+        if job.stall_timeout is not None:
+            values.append((STALL_TIMEOUT, format_seconds(job.stall_timeout)))
     return [COMMAND, *(option(name, value) for name, value in values), *flags]
 
 
@@ -166,6 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(THUMBPRINT, help="pin vCenter's certificate (SHA-1 or SHA-256)")
     parser.add_argument(CA_FILE, help="PEM file of CAs to trust for vCenter, besides the system's")
     parser.add_argument(INSECURE, action="store_true", help="do not verify vCenter's certificate")
+    parser.add_argument(
+        STALL_TIMEOUT,
+        type=seconds,
+        help="seconds without progress (no byte copied, no answer from vCenter) after which "
+        f"the run gives up (default {DEFAULT_STALL_TIMEOUT:g})",
+    )
 
 
 def _by_target_key(text: Optional[str], flag: str) -> dict[str, object]:
@@ -240,4 +270,5 @@ def read(args: argparse.Namespace, environ: Mapping[str, str]) -> JobArguments:
         thumbprint=thumbprint,
         ca_file=args.vcenter_ca_file,
         insecure=bool(args.insecure),
+        stall_timeout=args.stall_timeout,
     )

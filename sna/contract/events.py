@@ -18,6 +18,9 @@ PROGRESS = "progress"
 DISK_DONE = "disk_done"
 ERROR = "error"
 DONE = "done"
+STALL = "stall"
+RESUME = "resume"
+SNAPSHOT = "snapshot"
 
 #: Largest count accepted: the int64 the store and the Go client use.
 MAX_COUNT = 2**63 - 1
@@ -31,6 +34,17 @@ SYNC_TYPES = frozenset({"full", "incremental"})
 MASK = "********"
 DISK_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PHASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: What a ``stall`` waits on: a vCenter call or task, a read of the source
+#: disk (the datastore, nbdkit), a write to the hub's NBD target.
+STALL_ON = frozenset({"vcenter", "source_read", "hub_write"})
+#: What a ``snapshot`` event says of the job's snapshot: taken, removed, or
+#: left on the VM when the client gave up removing it (sna's janitor then does).
+SNAPSHOT_CREATED = "created"
+SNAPSHOT_REMOVED = "removed"
+SNAPSHOT_REMAINS = "remains"
+SNAPSHOT_STATES = frozenset({SNAPSHOT_CREATED, SNAPSHOT_REMOVED, SNAPSHOT_REMAINS})
+#: The longest a stall may have lasted, in seconds, for sna to take it (a year).
+MAX_STALL_SECONDS = 366 * 86400.0
 
 #: Each event's (required, optional) fields, besides ``event`` and ``ts``.
 FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -47,4 +61,7 @@ FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
     DISK_DONE: (frozenset({"disk_key", "change_id"}), frozenset({"bytes_done", "bytes_total"})),
     ERROR: (frozenset({"message"}), frozenset({"disk_key"})),
     DONE: (frozenset(), frozenset({"message"})),
+    STALL: (frozenset({"on", "seconds"}), frozenset({"message", "disk_key"})),
+    RESUME: (frozenset(), frozenset({"message"})),
+    SNAPSHOT: (frozenset({"name", "state"}), frozenset({"message"})),
 }

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
 import attrs
 
+from sna.contract import events as contract
 from sna.contract.disks import disk_indexes
+from sna.contract.ids import snapshot_name
 from sna.contract.targets import NbdTarget, format_targets
 from sna.sbc import events
 
@@ -126,6 +128,54 @@ class PushedProgress:
     percent: float = 0.0
 
 
+@attrs.frozen
+class Stall:
+    """A running job that has made no progress since ``since``, waiting on ``on``.
+
+    ``on`` is ``vcenter`` (a call or task that does not end), ``source_read``
+    (the datastore or nbdkit gives no bytes) or ``hub_write`` (the hub's NBD
+    target acknowledges no write), as the client reports it.
+    """
+
+    on: str
+    since: datetime
+    message: str = ""
+    disk_key: Optional[str] = None
+
+
+#: A job's snapshot is on the VM, and its client still runs (or said it could not remove it).
+SNAPSHOT_PRESENT = "present"
+#: The job ended and its snapshot may still be on the VM: sna's janitor removes it.
+SNAPSHOT_PENDING = "pending"
+#: vCenter confirmed the snapshot gone.
+SNAPSHOT_REMOVED = "removed"
+
+
+@attrs.frozen
+class SnapshotState:
+    """What sna knows of the ``sbak-`` snapshot a job's client took."""
+
+    name: str
+    state: str  # SNAPSHOT_PRESENT | SNAPSHOT_PENDING | SNAPSHOT_REMOVED
+    #: Why it is not removed yet: what the client or the janitor last ran into.
+    reason: Optional[str] = None
+    #: The janitor's attempts so far.
+    attempts: int = 0
+    #: When the janitor tries again, if it holds credentials to.
+    next_attempt: Optional[datetime] = None
+    #: sna holds no vCenter password to remove it with (it was restarted since the
+    #: job ran, or vCenter refused the password): it waits for a job or a
+    #: ``POST /cleanup`` with credentials for the same vCenter and user.
+    needs_credentials: bool = False
+    #: ``client`` or ``sna``, once removed.
+    removed_by: Optional[str] = None
+    removed_at: Optional[datetime] = None
+
+    @property
+    def pending(self) -> bool:
+        return self.state == SNAPSHOT_PENDING
+
+
 # The Go SNA's names for the Go client's stages (its mapStageToOperation).
 _STAGE_OPERATIONS = {
     "Discover": "Discovering VM",
@@ -184,6 +234,10 @@ class Job:
     aggregate_done: int = 0
     aggregate_total: Optional[int] = None
     pushed: Optional[PushedProgress] = None
+    #: Set while the client reports no progress (kept until it reports progress again).
+    stalled: Optional[Stall] = None
+    #: The job's snapshot, once the client has said it took one (or may have).
+    snapshot: Optional[SnapshotState] = None
 
     @classmethod
     def from_request(
@@ -282,7 +336,9 @@ class Job:
             return self
         match event:
             case events.Phase(phase=phase, message=message):
-                return self._touch(now, phase=phase, current_operation=message or phase)
+                return self._touch(
+                    now, phase=phase, current_operation=message or phase, stalled=None
+                )
             case events.DiskPlan(disk_key=key) | events.DiskStart(disk_key=key):
                 index = self._disk(key)
                 if index is None:
@@ -327,7 +383,9 @@ class Job:
                     if event.bytes_total is not None
                     else disk.bytes_total,
                 )
-                return job._touch(now, throughput_bps=event.throughput_bps)
+                # Bytes moving again end a stall, even one whose resume was lost.
+                stalled = None if event.bytes_done > disk.bytes_done else self.stalled
+                return job._touch(now, throughput_bps=event.throughput_bps, stalled=stalled)
             case events.DiskDone(disk_key=key):
                 index = self._disk(key)
                 if index is None:
@@ -342,7 +400,7 @@ class Job:
                     change_id=event.change_id or disk.change_id,
                     bytes_done=done,
                     bytes_total=total,
-                )
+                )._touch(now, stalled=None)
             case events.Error(message=message, disk_key=key):
                 job = self._touch(now, error=message)
                 index = job._disk(key)
@@ -351,9 +409,47 @@ class Job:
                 return job
             case events.Done(message=message):
                 return self._touch(
-                    now, phase="finishing", current_operation=message or "Backup client finished"
+                    now,
+                    phase="finishing",
+                    current_operation=message or "Backup client finished",
+                    stalled=None,
                 )
+            case events.Stall(on=on, seconds=seconds, message=message, disk_key=key):
+                since = now - timedelta(seconds=seconds)
+                old = self.stalled
+                if old is not None and (old.on, old.disk_key) == (on, key):
+                    since = min(since, old.since)
+                return self._touch(now, stalled=Stall(on, since, message, key))
+            case events.Resume():
+                return self._touch(now, stalled=None)
+            case events.Snapshot(name=name, state=state, message=message):
+                return self._touch(now, snapshot=self._snapshot_reported(name, state, message, now))
         return self  # pragma: no cover - the match is exhaustive
+
+    def _snapshot_reported(
+        self, name: str, state: str, message: str, now: datetime
+    ) -> SnapshotState:
+        if state == contract.SNAPSHOT_REMOVED:
+            return SnapshotState(name, SNAPSHOT_REMOVED, removed_by="client", removed_at=now)
+        if state == contract.SNAPSHOT_REMAINS:
+            return SnapshotState(name, SNAPSHOT_PRESENT, reason=message or None)
+        return SnapshotState(name, SNAPSHOT_PRESENT)
+
+    def _snapshot_at_end(self, killed: bool, reason: str) -> Optional[SnapshotState]:
+        """The snapshot once the client is gone: one it did not say it removed is pending.
+
+        A killed client may have taken one without saying so: the janitor looks.
+        """
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot.state == SNAPSHOT_PRESENT:
+            return attrs.evolve(snapshot, state=SNAPSHOT_PENDING, reason=snapshot.reason or reason)
+        if snapshot is None and killed:
+            return SnapshotState(snapshot_name(self.job_id), SNAPSHOT_PENDING, reason=reason)
+        return snapshot
+
+    def snapshot_changed(self, snapshot: SnapshotState) -> Job:
+        """The janitor's news of an ended job's snapshot (the job's times stay as they are)."""
+        return attrs.evolve(self, snapshot=snapshot)
 
     def pushed_progress(self, push: PushedProgress, now: datetime) -> Job:
         """Apply a push from the Go client; its byte counts become the aggregate."""
@@ -430,6 +526,10 @@ class Job:
             disks = tuple(
                 d if d.status == "completed" else attrs.evolve(d, status="failed") for d in disks
             )
+        if exit_signal is not None:
+            left = f"the backup client was killed by signal {exit_signal} before removing it"
+        else:
+            left = "the backup client ended without removing it"
         return self._touch(
             now,
             status=status,
@@ -440,6 +540,8 @@ class Job:
             current_operation=operation,
             phase=status.value,
             disks=disks,
+            stalled=None,
+            snapshot=self._snapshot_at_end(exit_signal is not None, left),
         )
 
     def interrupted(self, now: datetime, reason: str) -> Job:
@@ -457,6 +559,9 @@ class Job:
                 d if d.status == "completed" else attrs.evolve(d, status="failed")
                 for d in self.disks
             ),
+            stalled=None,
+            # What the client said last may not have been written before sna stopped.
+            snapshot=self._snapshot_at_end(True, "sna stopped while the job was running"),
         )
 
     # -- persistence ----------------------------------------------------
@@ -483,5 +588,15 @@ class Job:
         data["disks"] = tuple(DiskState(**d) for d in data["disks"])
         if data.get("pushed") is not None:
             data["pushed"] = PushedProgress(**data["pushed"])
+        if data.get("stalled") is not None:
+            stalled = dict(data["stalled"])
+            stalled["since"] = datetime.fromisoformat(stalled["since"])
+            data["stalled"] = Stall(**stalled)
+        if data.get("snapshot") is not None:
+            snapshot = dict(data["snapshot"])
+            for key in ("next_attempt", "removed_at"):
+                if snapshot.get(key) is not None:
+                    snapshot[key] = datetime.fromisoformat(snapshot[key])
+            data["snapshot"] = SnapshotState(**snapshot)
         known = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -87,4 +87,30 @@ class Done:
     message: str = ""
 
 
-Event = Union[Phase, DiskPlan, DiskStart, Progress, DiskDone, Error, Done]
+@attrs.frozen
+class Stall:
+    """No progress for ``seconds``, waiting on ``on`` (``vcenter``, ``source_read``, ``hub_write``)."""
+
+    on: str
+    seconds: float
+    message: str = ""
+    disk_key: Optional[str] = None
+
+
+@attrs.frozen
+class Resume:
+    """What the last :class:`Stall` waited on has moved on (answered, progressed or given up)."""
+
+    message: str = ""
+
+
+@attrs.frozen
+class Snapshot:
+    """The job's snapshot was ``created``, ``removed``, or ``remains`` (the client gave up)."""
+
+    name: str
+    state: str
+    message: str = ""
+
+
+Event = Union[Phase, DiskPlan, DiskStart, Progress, DiskDone, Error, Done, Stall, Resume, Snapshot]

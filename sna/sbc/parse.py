@@ -206,6 +206,37 @@ def _done_event(obj: Mapping[str, object]) -> Event:
     return events.Done(_text(obj, "message"))
 
 
+def _stall_event(obj: Mapping[str, object]) -> Event:
+    on = _required(obj, "on")
+    if not isinstance(on, str) or on not in contract.STALL_ON:
+        raise _Invalid(on)
+    seconds = _rate(obj, "seconds")
+    if seconds is None or seconds > contract.MAX_STALL_SECONDS:
+        raise _Invalid(seconds)
+    return events.Stall(
+        on=on,
+        seconds=seconds,
+        message=_text(obj, "message"),
+        disk_key=_optional_disk_key(obj, "disk_key"),
+    )
+
+
+def _resume_event(obj: Mapping[str, object]) -> Event:
+    return events.Resume(_text(obj, "message"))
+
+
+def _snapshot_event(obj: Mapping[str, object]) -> Event:
+    state = _required(obj, "state")
+    if not isinstance(state, str) or state not in contract.SNAPSHOT_STATES:
+        raise _Invalid(state)
+    _required(obj, "name")
+    return events.Snapshot(
+        name=_text(obj, "name", required=True),
+        state=state,
+        message=_text(obj, "message"),
+    )
+
+
 _JSON_EVENTS: Mapping[str, Callable[[Mapping[str, object]], Event]] = {
     contract.PHASE: _phase_event,
     contract.DISK_PLAN: _disk_plan_event,
@@ -214,6 +245,9 @@ _JSON_EVENTS: Mapping[str, Callable[[Mapping[str, object]], Event]] = {
     contract.DISK_DONE: _disk_done_event,
     contract.ERROR: _error_event,
     contract.DONE: _done_event,
+    contract.STALL: _stall_event,
+    contract.RESUME: _resume_event,
+    contract.SNAPSHOT: _snapshot_event,
 }
 
 

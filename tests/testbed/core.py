@@ -484,6 +484,19 @@ class Testbed:
         self._save_state()
         return target.to_json()
 
+    def pause_vcenter(self) -> procs.Paused:
+        """Hold the simulator with SIGSTOP: vCenter hung (connections accepted, nothing
+        answered) until the pause is resumed; use it as a context manager."""
+        [record] = [r for r in self._records if r.role == "vcsim"]
+        return procs.Paused(record)
+
+    def pause_target(self, export: str) -> procs.Paused:
+        """Hold the qemu-nbd serving ``export`` with SIGSTOP: a hung hub."""
+        for target in self._targets:
+            if target.export == export:
+                return procs.Paused(target.record)
+        raise TestbedError(f"no target {export!r} in this testbed")
+
     def stop_target(self, export: str) -> None:
         """Stop serving a target (its qcow2 stays), for instance before an overlay
         on it is served: qemu-nbd locks the qcow2 it serves, backing files included.

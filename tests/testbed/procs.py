@@ -128,6 +128,11 @@ def stop(
         if process is not None:
             _reap(process)
         return False
+    try:
+        # A paused process (Testbed.pause) would not act on TERM before it goes on.
+        os.kill(record.pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
         try:
             os.kill(record.pid, sig)
@@ -159,6 +164,29 @@ def _reap(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_GRACE)
     except subprocess.TimeoutExpired:  # pragma: no cover - after SIGKILL
         pass
+
+
+class Paused:
+    """A process held with SIGSTOP: a peer that does not answer (it still accepts
+    connections, the kernel does that), until :meth:`resume` or the end of a ``with``."""
+
+    def __init__(self, record: ProcessRecord) -> None:
+        if not is_running(record):
+            raise ProcessLookupError(f"{record.role} (pid {record.pid}) is not running")
+        self.record = record
+        self.resumed = False
+        os.kill(record.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if not self.resumed and is_running(self.record):
+            os.kill(self.record.pid, signal.SIGCONT)
+        self.resumed = True
+
+    def __enter__(self) -> Paused:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume()
 
 
 def log_tail(log: Path, lines: int = 30) -> str:

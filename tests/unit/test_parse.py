@@ -43,6 +43,9 @@ ALL_KINDS = (
     events.DiskDone,
     events.Error,
     events.Done,
+    events.Stall,
+    events.Resume,
+    events.Snapshot,
 )
 
 
@@ -354,7 +357,18 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-KINDS = ["phase", "disk_plan", "disk_start", "progress", "disk_done", "error", "done"]
+KINDS = [
+    "phase",
+    "disk_plan",
+    "disk_start",
+    "progress",
+    "disk_done",
+    "error",
+    "done",
+    "stall",
+    "resume",
+    "snapshot",
+]
 FIELDS = [
     "event",
     "phase",
@@ -368,6 +382,10 @@ FIELDS = [
     "bytes_done",
     "throughput_bps",
     "change_id",
+    "on",
+    "seconds",
+    "name",
+    "state",
     "ts",
 ]
 
