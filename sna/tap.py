@@ -8,6 +8,7 @@ and only as a default.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import ssl
 import time
@@ -139,6 +140,14 @@ class Options(usage.Options):
             "Seconds an NBD target may take to answer the pre-job handshake probe.",
         ],
         [
+            "stall-timeout",
+            None,
+            "600",
+            "Seconds a backup may make no progress (no byte copied, no answer from vCenter) "
+            "before its client ends it (passed to the client as --stall-timeout; /status "
+            "shows the stall long before).",
+        ],
+        [
             "job-retention-days",
             None,
             "30",
@@ -232,6 +241,13 @@ class Options(usage.Options):
                 f"--spare-clients must be an integer from 0 to 16, not {self['spare-clients']!r}"
             )
         self["spare-clients"] = spares
+        stall = _number(self["stall-timeout"], float)
+        if not isinstance(stall, float) or not math.isfinite(stall) or stall <= 0:
+            raise usage.UsageError(
+                f"--stall-timeout must be a positive number of seconds, "
+                f"not {self['stall-timeout']!r}"
+            )
+        self["stall-timeout"] = stall
         self["limits"] = self._connection_limits()
         try:
             self["sbc"] = ClientCommand.parse(self["sbc"], legacy=bool(self["sbc-legacy"]))
@@ -279,6 +295,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         config["sbc"],
         insecure=bool(config["vcenter-insecure"]),
         ca_file=config["vcenter-ca-file"],
+        stall_timeout=config["stall-timeout"],
     )
     launcher = ProcessLauncher(
         reactor, reactor, command, log_dir, utcnow, spares=config["spare-clients"]
@@ -309,6 +326,16 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
             legacy=command.legacy,
             on_answer=metrics.sha_answered,
         )
+    janitor = SnapshotJanitor(
+        vsphere,
+        reactor,
+        utcnow,
+        lambda *change: manager.snapshot_changed(*change),
+        # As POST /cleanup does: a VM a job is backing up now is left alone.
+        vm_busy=lambda vm_path: next(
+            (job.job_id for job in manager.active_jobs() if job.vm_path == vm_path), None
+        ),
+    )
     manager = JobManager(
         store,
         launcher,
@@ -317,12 +344,13 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         utcnow,
         gateway=NbdGateway(reactor, relays),
         on_probe_failure=metrics.probe_failed,
-        on_client_killed=lambda request: SnapshotJanitor(vsphere).client_killed(request),
+        janitor=janitor,
         hub=hub,
         leftovers=LeftoverClients(reactor),
     )
-    api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere)
+    api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere, on_credentials=janitor.offer)
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, hub)
+    janitor.setServiceParent(service)  # type: ignore[no-untyped-call]
     if launcher.spares is not None:
         launcher.spares.setServiceParent(service)  # type: ignore[no-untyped-call]
     resource = api.resource()

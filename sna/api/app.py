@@ -50,7 +50,7 @@ from sna.jobs.manager import (
 from sna.jobs.model import Job, JobStatus
 from sna.sbc.command import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
-from sna.vmware.interface import InvalidVSphereRequest, IVSphere, VSphereError
+from sna.vmware.interface import Credentials, InvalidVSphereRequest, IVSphere, VSphereError
 
 _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (UnknownJob, 404),
@@ -85,9 +85,13 @@ class SnaAPI:
         monotonic: Callable[[], float],
         metrics: Metrics,
         vsphere: IVSphere,
+        on_credentials: Callable[[Credentials], None] = lambda credentials: None,
     ) -> None:
         self._manager = manager
         self._vsphere = vsphere
+        #: Credentials a request proved good: the snapshot janitor may use them
+        #: for the snapshots still pending on that vCenter (sna.jobs.janitor).
+        self._on_credentials = on_credentials
         self._metrics = metrics
         self._now = now
         self._monotonic = monotonic
@@ -349,6 +353,7 @@ class SnaAPI:
                 )
         job_id = cleanup.job_id if cleanup.action == "delete_snapshot" else None
         result = await self._vsphere.remove_job_snapshots(cleanup.credentials, vm_path, job_id)
+        self._on_credentials(cleanup.credentials)
         return json_response(
             request, {"action": cleanup.action, **result, "job_id": cleanup.job_id}
         )

@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sna.jobs.model import SNAPSHOT_REMOVED, BackupRequest, Job, SnapshotState, utcnow
+from sna.jobs.model import SNAPSHOT_REMOVED, BackupRequest, Job, SnapshotState
 from sna.vmware.interface import (
     AuthenticationFailed,
     CertificateRejected,
@@ -117,8 +117,8 @@ class SnapshotJanitor(Service):
     """Retries the removal of every pending job snapshot; a service for its timers.
 
     ``record`` is the job manager's (the only writer of job records);
-    ``delays`` the first and the longest pause between two attempts.  Without
-    a ``clock`` nothing is retried.  ``vm_busy(vm_path)`` names the job that
+    ``delays`` the first and the longest pause between two attempts.
+    ``vm_busy(vm_path)`` names the job that
     is backing up that VM now, if one is: as ``POST /cleanup`` does, the
     janitor leaves such a VM alone until that job has ended.
     """
@@ -128,9 +128,9 @@ class SnapshotJanitor(Service):
     def __init__(
         self,
         vsphere: IVSphere,
-        clock: Optional[IReactorTime] = None,
-        now: Callable[[], datetime] = utcnow,
-        record: Record = lambda job_id, started_at, state: None,
+        clock: IReactorTime,
+        now: Callable[[], datetime],
+        record: Record,
         delays: tuple[float, float] = RETRY_DELAYS,
         vm_busy: Callable[[str], Optional[str]] = lambda vm_path: None,
     ) -> None:
@@ -205,34 +205,6 @@ class SnapshotJanitor(Service):
                     name=entry.state.name,
                 )
                 self._attempt(entry)
-
-    def client_killed(self, request: BackupRequest) -> Deferred[None]:
-        """One attempt at removing a killed client's snapshot; never fails.
-
-        What the manager called before it handed the janitor whole jobs
-        (:meth:`job_ended`); nothing is recorded and nothing retried.
-        """
-        credentials = credentials_of(request)
-        if credentials is None:
-            return succeed(None)
-        d = self._vsphere.remove_job_snapshots(credentials, request.vm_path, request.job_id)
-
-        def removed(answer: dict[str, Any]) -> None:
-            self.log.info(
-                "job {job_id}: its client was killed; removed snapshots {removed}",
-                job_id=request.job_id,
-                removed=answer.get("removed", []),
-            )
-
-        def failed(failure: Failure) -> None:
-            self.log.error(
-                "job {job_id}: its client was killed and its snapshot could not be removed "
-                "({reason}); use POST /api/v1/cleanup",
-                job_id=request.job_id,
-                reason=failure.getErrorMessage(),
-            )
-
-        return d.addCallbacks(removed, failed)
 
     def pending(self) -> list[str]:
         """The job ids whose snapshot removal is pending, for logs and tests."""
@@ -367,7 +339,7 @@ class SnapshotJanitor(Service):
     def _later(self, entry: _Pending, attempts: int, reason: str) -> Optional[float]:
         """Record ``reason`` and try again after the entry's pause (doubled for the
         next time); returns the pause, or None when nothing is retried any more."""
-        if self._stopped or self._clock is None:
+        if self._stopped:
             self._update(entry, attempts=attempts, reason=reason, next_attempt=None)
             return None
         delay = entry.delay

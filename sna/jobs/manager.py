@@ -40,8 +40,16 @@ from zope.interface import implementer
 
 from sna.config import ConfigError, Settings
 from sna.contract.secrets import Masker
+from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import ILeftoverClients, LeftoverClients
-from sna.jobs.model import BackupRequest, InvalidTransition, Job, JobStatus, PushedProgress
+from sna.jobs.model import (
+    BackupRequest,
+    InvalidTransition,
+    Job,
+    JobStatus,
+    PushedProgress,
+    SnapshotState,
+)
 from sna.jobs.store import IJobStore, IStorageCheck, StoreError
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
@@ -311,13 +319,14 @@ class JobManager:
         now: Callable[[], datetime],
         gateway: ITargetGateway,
         on_probe_failure: Callable[[str], None] = lambda reason: None,
-        on_client_killed: Callable[[BackupRequest], Deferred[Any]] = lambda request: succeed(None),
+        janitor: Optional[SnapshotJanitor] = None,
         hub: Optional[IHub] = None,
         leftovers: Optional[ILeftoverClients] = None,
     ) -> None:
         #: The SHA, when sna reports to one (``--sha-url``).
         self.hub = hub
-        self._on_client_killed = on_client_killed
+        #: Removes the snapshots that ended jobs left on their VMs (sna.jobs.janitor).
+        self._janitor = janitor
         self._store = store
         self._launcher = launcher
         self._gateway = gateway
@@ -362,6 +371,9 @@ class JobManager:
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
                 if job.pid:
                     leftovers.append(self._stop_leftover(managed))
+            if self._janitor is not None:
+                # A snapshot still pending: no credentials are held for it any more.
+                self._janitor.stored(managed.job)
         self.prune()
         return DeferredList(leftovers, consumeErrors=True)
 
@@ -712,6 +724,10 @@ class JobManager:
         managed.forget_outbox = previous is not None
         # Its client runs: a write refused now keeps the job in memory, never undoes it.
         self._save_now(managed)
+        if self._janitor is not None:
+            # A pending snapshot of this job id is its client's to remove now, and its
+            # credentials serve the pending snapshots of the same vCenter and user.
+            self._janitor.job_started(request)
         if self.hub is not None:
             self.hub.job_started(managed.job)
         self.log.info(
@@ -792,7 +808,7 @@ class JobManager:
     def _event(self, managed: ManagedJob, event: events.Event) -> None:
         if managed.stage is not Stage.RUNNING:
             return
-        if isinstance(event, events.Error):
+        if isinstance(event, (events.Error, events.Stall)):
             event = attrs.evolve(event, message=self._hub_addresses(managed, event.message))
         new = managed.job.apply(event, self._now())
         if isinstance(event, events.DiskDone):
@@ -835,8 +851,10 @@ class JobManager:
             if not managed.unsaved:
                 self._tell_hub(managed)
         waits = [closing]
-        if exit_signal is not None and job.status is not JobStatus.COMPLETED:
-            waits.append(self._on_client_killed(request))
+        if self._janitor is not None:
+            # A snapshot its client did not say it removed (a killed client's, one it
+            # gave up on) is pending: the janitor's first attempt is waited for, not its retries.
+            waits.append(self._janitor.job_ended(job, request))
         managed.wait_for(waits, self._live.remove)
         self.log.info(
             "job {job_id} {status}: exit code {exit_code}, error {error}",
@@ -854,6 +872,14 @@ class JobManager:
         managed.job = managed.job.with_relay_counts(
             {s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats}
         )
+        self._save_now(managed)
+
+    def snapshot_changed(self, job_id: str, started_at: datetime, snapshot: SnapshotState) -> None:
+        """The janitor's news of an ended job's snapshot; a newer job of its id is left alone."""
+        managed = self._jobs.get(job_id)
+        if managed is None or managed.job.started_at != started_at:
+            return
+        managed.job = managed.job.snapshot_changed(snapshot)
         self._save_now(managed)
 
     # -- persistence ----------------------------------------------------

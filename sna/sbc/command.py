@@ -50,6 +50,8 @@ class ClientCommand:
     #: vCenter TLS for our client: no verification (--vcenter-insecure), extra CAs.
     insecure: bool = False
     ca_file: Optional[str] = None
+    #: --stall-timeout for our client (the daemon's own option); None: the client's default.
+    stall_timeout: Optional[float] = None
 
     @classmethod
     def parse(cls, command: str, legacy: bool = False) -> ClientCommand:
@@ -94,6 +96,7 @@ class ClientCommand:
             thumbprint=request.vcenter_thumbprint,
             ca_file=self.ca_file,
             insecure=self.insecure,
+            stall_timeout=self.stall_timeout,
         )
 
     def arguments(self, request: BackupRequest) -> list[str]:

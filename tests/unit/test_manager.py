@@ -227,31 +227,6 @@ def test_a_completed_job_owes_one_completion_per_disk(tmp_path: Path) -> None:
     assert json.loads(rows[2].body)["status"] == "completed"
 
 
-def test_a_killed_client_gets_its_snapshot_removed_with_the_request(tmp_path: Path) -> None:
-    clock = Clock()
-    launcher = FakeLauncher(clock, FilePath(str(tmp_path)))
-    killed: list[BackupRequest] = []
-    manager = JobManager(
-        MemoryJobStore(),
-        launcher,
-        clock,
-        Settings(),
-        SteppingClock(),
-        gateway=FakeGateway(),
-        on_client_killed=lambda request: succeed(killed.append(request)),
-    )
-    manager.recover()
-    started(manager, REQUEST)
-    launcher.transports[REQUEST.job_id].exit(signal=9)
-    assert killed == [REQUEST]
-    assert killed[0].vcenter_password == "pa55 word"  # the original, with the hub ports
-    assert killed[0].targets[0].port == 10100
-    other = attrs.evolve(REQUEST, job_id="exits-itself")
-    started(manager, other)
-    launcher.transports["exits-itself"].exit(1)
-    assert killed == [REQUEST], "a client that exits cleans up after itself"
-
-
 def test_errors_name_the_hub_port_not_the_relay(tmp_path: Path) -> None:
     manager, launcher, _, _ = make_manager(tmp_path)
     manager.recover()
