@@ -16,20 +16,18 @@ state, logs no secret, and knows nothing of NBD, events or Twisted.
 
 from __future__ import annotations
 
-import http.client
 import re
 import ssl
 from typing import Any, Optional
-from xml.etree import ElementTree
 
 import attrs
 from pyVim.connect import Disconnect
 from pyVmomi import vim, vmodl
 from pyVmomi.SoapAdapter import SoapStubAdapter
-from pyVmomi.VmomiSupport import GetServiceVersions, versionIdMap
 from twisted.logger import Logger
 
 from sna.backup.extents import Area, ChangeWindow
+from sna.contract.soap import NotVSphere, negotiate_version
 from sna.contract.vcenter import NotFound, VSphereError, fault_text, walk_snapshots
 
 log = Logger()
@@ -83,38 +81,6 @@ def _disk_from_device(device: Any) -> SnapshotDisk:
     )
 
 
-#: The version document is small; anything bigger is not a vCenter.
-MAX_VERSION_DOCUMENT = 1 << 20
-
-
-def _api_version(host: str, port: int, context: ssl.SSLContext, timeout: float) -> str:
-    """The newest vim25 API version both pyVmomi and the server speak."""
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    try:
-        conn.request("GET", "/sdk/vimServiceVersions.xml")
-        response = conn.getresponse()
-        body = response.read(MAX_VERSION_DOCUMENT)
-    finally:
-        conn.close()
-    where = f"vCenter {host}:{port}"
-    if response.status != 200:
-        raise VSphereError(f"{where} answered {response.status} for /sdk/vimServiceVersions.xml")
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError as e:
-        raise VSphereError(f"{where}: unreadable /sdk/vimServiceVersions.xml: {e}") from None
-    supported: set[str] = set()
-    for namespace in root.findall("namespace"):
-        if namespace.findtext("name") == "urn:vim25":
-            supported.add(namespace.findtext("version") or "")
-            supported.update(v.text or "" for v in namespace.findall("priorVersions/version"))
-    for version in GetServiceVersions("vim25"):  # type: ignore[no-untyped-call]
-        if versionIdMap[version] in supported:
-            chosen: str = version
-            return chosen
-    raise VSphereError(f"{where} speaks no vim25 API version pyVmomi knows ({sorted(supported)})")
-
-
 def moref(managed_object: Any) -> str:
     """``vm-123``, ``snapshot-456``: the id nbdkit-vddk's ``vm=moref=`` and ``snapshot=`` want."""
     return str(managed_object._moId)
@@ -144,7 +110,7 @@ class Session:
         version without any)."""
         where = f"vCenter {host}:{port}"
         try:
-            version = _api_version(host, port, context, timeout)
+            version = negotiate_version(host, port, context, timeout)
             stub = SoapStubAdapter(  # type: ignore[no-untyped-call]
                 host=host,
                 port=port,
@@ -163,6 +129,8 @@ class Session:
                 raise
         except vmodl.MethodFault as e:
             raise VSphereError(f"cannot log in to {where}: {fault_text(e)}") from None
+        except NotVSphere as e:
+            raise VSphereError(f"{where} does not answer as vSphere does: {e}") from None
         except ssl.SSLError as e:
             raise VSphereError(f"TLS with {where} failed: {e}") from None
         except OSError as e:

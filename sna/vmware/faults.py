@@ -15,6 +15,7 @@ from xml.parsers.expat import ExpatError
 
 from pyVmomi import vim, vmodl
 
+from sna.contract.soap import NotVSphere
 from sna.contract.tls import CertificateMismatch
 from sna.contract.vcenter import fault_text
 from sna.vmware.interface import (
@@ -28,10 +29,6 @@ from sna.vmware.interface import (
     Unreachable,
     VSphereError,
 )
-
-
-class NotVSphere(Exception):
-    """The address answers HTTPS but does not serve the vSphere SOAP API."""
 
 
 def is_not_authenticated(error: BaseException) -> bool:

@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
 import os
 import ssl
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar, Union
-from xml.etree import ElementTree
 
 import attrs
 from pyVmomi import vim
 from pyVmomi.SoapAdapter import SoapStubAdapter
-from pyVmomi.VmomiSupport import GetServiceVersions, versionIdMap
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -41,8 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from sna.contract.soap import negotiate_version
 from sna.contract.tls import TlsSettings, normalise_thumbprint, ssl_context
-from sna.vmware.faults import NotVSphere, is_not_authenticated, translate
+from sna.vmware.faults import is_not_authenticated, translate
 from sna.vmware.interface import Credentials, TimedOut, VSphereError
 
 T = TypeVar("T")
@@ -57,8 +55,6 @@ CALL_TIMEOUT = 60.0
 #: keep-alive connections after a while, and pyvmomi does not retry a request
 #: that failed on such a dead connection.
 CONNECTION_POOL_TIMEOUT = 20
-#: The version document is small; anything bigger is not a vCenter.
-MAX_VERSION_DOCUMENT = 1 << 20
 
 
 @attrs.frozen
@@ -108,37 +104,6 @@ class _Session:
 
 
 # -- blocking work, on the thread pool ----------------------------------------------
-
-
-def negotiate_version(host: str, port: int, context: ssl.SSLContext, timeout: float) -> str:
-    """The newest vim25 API version both pyvmomi and the server speak.
-
-    pyvmomi's ``SmartConnect`` does this too, but without a socket timeout
-    and with its own idea of when to verify certificates.
-    """
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    try:
-        conn.request("GET", "/sdk/vimServiceVersions.xml")
-        response = conn.getresponse()
-        body = response.read(MAX_VERSION_DOCUMENT)
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise NotVSphere(f"HTTP {response.status} for /sdk/vimServiceVersions.xml")
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError as e:
-        raise NotVSphere(f"unreadable /sdk/vimServiceVersions.xml: {e}") from None
-    supported: set[str] = set()
-    for namespace in root.findall("namespace"):
-        if namespace.findtext("name") == "urn:vim25":
-            supported.add(namespace.findtext("version") or "")
-            supported.update(v.text or "" for v in namespace.findall("priorVersions/version"))
-    for version in GetServiceVersions("vim25"):  # type: ignore[no-untyped-call]
-        if versionIdMap[version] in supported:
-            chosen: str = version
-            return chosen
-    raise NotVSphere(f"no vim25 API version in common (the server has {sorted(supported)})")
 
 
 def connect(credentials: Credentials, context: ssl.SSLContext, timeout: float) -> Connection:
