@@ -7,19 +7,22 @@ and only as a default.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
 import ssl
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any, Optional, cast
 
 import attrs
 from treq.client import HTTPClient
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python import usage
@@ -30,7 +33,7 @@ from twisted.web.client import Agent
 from sna import __version__
 from sna.api.app import SnaAPI
 from sna.api.auth import BearerTokenAuthorization, check_secret_file, read_token
-from sna.api.http import ConnectionLimits, make_site
+from sna.api.http import ApiSite, ConnectionLimits, make_site
 from sna.config import ConfigError, Settings
 from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import LeftoverClients
@@ -42,7 +45,7 @@ from sna.nbd.relay import RelayRegistry
 from sna.sbc.command import ClientCommand
 from sna.sbc.joblog import LogDirectory
 from sna.sbc.launcher import ProcessLauncher
-from sna.service import SnaService
+from sna.service import CannotStart, SnaService
 from sna.sha.client import ShaClient
 from sna.sha.hub import ShaHub
 from sna.telemetry.metrics import Metrics
@@ -194,6 +197,16 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        try:
+            self._settle()
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            # Under twistd, whose answer to a UsageError is its whole usage text
+            # before the reason: a value we refuse is one line, as any failed start.
+            raise SystemExit(f"twistd sna: {e}") from None
+
+    def _settle(self) -> None:
         # The same checks as PUT /api/v1/config, so both accept the same values.
         try:
             self["settings"] = Settings().updated(
@@ -219,7 +232,11 @@ class Options(usage.Options):
         if self["auth-token-file"] is not None:
             try:
                 self["auth-token"] = read_token(self["auth-token-file"])
-            except (OSError, ValueError) as e:
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--auth-token-file: cannot read {self['auth-token-file']}: {e.strerror or e}"
+                ) from None
+            except ValueError as e:
                 raise usage.UsageError(f"--auth-token-file: {e}") from None
         else:
             self["auth-token"] = None
@@ -363,8 +380,39 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
             listen=config["listen"],
         )
     site = make_site(resource, config["limits"], reactor)
-    strports.service(config["listen"], site, reactor=reactor).setServiceParent(service)
+    listening = ApiListener(config["listen"], site, reactor)
+    listening.setServiceParent(service)  # type: ignore[no-untyped-call]
     return service
+
+
+class ApiListener(StreamServerEndpointService):
+    """The API's endpoint: a port that cannot be bound stops the start with one line."""
+
+    def __init__(self, description: str, factory: ApiSite, reactor: Any) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            endpoints.serverFromString(reactor, description), factory
+        )
+        self.description = description
+        # As strports.service: fail in startService, not later in a logged Deferred.
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        # twistd binds here, before dropping privileges; startService binds if not yet.
+        with self._one_line():
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        with self._one_line():
+            super().startService()  # type: ignore[no-untyped-call]
+
+    @contextlib.contextmanager
+    def _one_line(self) -> Iterator[None]:
+        try:
+            yield
+        except CannotListenError as e:
+            error = e.socketError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise CannotStart(f"cannot listen on {self.description}: {reason}") from None
 
 
 #: Positional parameters of the server endpoint types that can bind a network

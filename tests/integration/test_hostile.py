@@ -884,7 +884,45 @@ def test_a_token_file_others_can_read_stops_the_start(
     own_daemons.append(daemon)
     process = daemon.spawn()
     assert process.wait(START_DEADLINE) != 0
-    lines = daemon.output().strip().splitlines()
-    assert f"--auth-token-file: {token} can be read or changed by" in lines[-1]
-    assert f"{mode:04o}" in lines[-1]
+    # One line, not twistd's usage text before it.
+    [line] = daemon.output().strip().splitlines()
+    assert line.startswith(f"twistd sna: --auth-token-file: {token} can be read or changed by")
+    assert f"{mode:04o}" in line
     assert "s3cret" not in daemon.output()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--listen", "tcp:80a", "twistd sna: --listen tcp:80a: "),
+        ("--nbd-ports", "5-3", "twistd sna: --nbd-ports must be a range of ports"),
+        ("--max-connections", "0", "twistd sna: --max-connections must be an integer"),
+    ],
+)
+def test_a_value_twistd_sna_refuses_is_one_line(
+    tmp_path: Path, own_daemons: list[Daemon], option: str, value: str, message: str
+) -> None:
+    daemon = Daemon(tmp_path / "bad-value", extra=(option, value))
+    own_daemons.append(daemon)
+    assert daemon.spawn().wait(START_DEADLINE) == 1
+    [line] = daemon.output().strip().splitlines()
+    assert line.startswith(message), line
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(
+    tmp_path: Path, own_daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(tmp_path / "port-in-use")
+    own_daemons.append(daemon)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", daemon.port))
+        taken.listen()
+        assert daemon.spawn().wait(START_DEADLINE) == 1
+    output = daemon.output()
+    lines = [line for line in output.splitlines() if "cannot start" in line]
+    assert len(lines) == 1, output
+    assert lines[0].endswith(
+        f"sna cannot start: cannot listen on tcp:{daemon.port}:interface=127.0.0.1: "
+        "Address already in use"
+    ), output
+    assert "Traceback" not in output, output
