@@ -28,6 +28,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sna.jobs.store import (
     DELIVERED,
@@ -121,11 +122,10 @@ class Outbox:
             if self._draining.get(job_id) is d:
                 del self._draining[job_id]
                 self._idle()
-            if isinstance(result, Exception):
-                self.log.error(
-                    "job {job_id}: delivering to the SHA stopped: {error}",
-                    job_id=job_id,
-                    error=result,
+            # A Deferred's error is a Failure; a stop cancels the pauses between sends.
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure(
+                    "job {job_id}: delivering to the SHA stopped", result, job_id=job_id
                 )
 
         d.addBoth(done)

@@ -17,11 +17,12 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sna.jobs.model import Job, JobStatus
-from sna.jobs.store import StoreError
+from sna.jobs.store import OutboxRow, StoreError
 from sna.sbc import events
 from sna.sha import messages
 from sna.sha.client import ShaClient
@@ -577,3 +578,22 @@ def test_a_database_that_will_not_record_a_delivery_never_causes_a_second_one(
     clock.advance(RECORD_RETRY)
     assert {r.state for r in store.outbox()} == {"delivered"}
     assert len(sha.posts()) == 3
+
+
+class BrokenStore(MemoryJobStore):
+    """A store with a bug: reading the outbox raises what no caller expects."""
+
+    def outbox(self, job_id: Optional[str] = None) -> list[OutboxRow]:
+        raise RuntimeError("the outbox table is gone")
+
+
+def test_an_unexpected_error_that_stops_a_delivery_is_logged(sha: FakeSha) -> None:
+    store = BrokenStore()
+    box, _, treq = outbox(sha, store)
+    with capturedLogs() as events:
+        box.deliver("backup-broken-1")
+        treq.flush()
+    [event] = [e for e in events if "delivering to the SHA stopped" in e.get("log_format", "")]
+    assert event["job_id"] == "backup-broken-1"
+    assert event["log_failure"].check(RuntimeError)
+    assert sha.posts() == []
