@@ -128,6 +128,76 @@ class PushedProgress:
     percent: float = 0.0
 
 
+#: Seconds of the copy the rate and the ETA are measured over.
+RATE_WINDOW = 30.0
+#: Samples of a job's progress are kept at least this many seconds apart (the last
+#: is replaced until it is), so a window holds about ``RATE_WINDOW`` of them.
+SAMPLE_SPACING = 1.0
+#: Seconds after the last report the window's end stays there; later it moves with
+#: the clock, so the rate of a client that stops reporting falls instead of staying.
+REPORT_GRACE = 2.0
+
+
+@attrs.frozen
+class Sample:
+    """How far a job's copy was at ``at`` (POSIX seconds): bytes and the share done."""
+
+    at: float
+    bytes_done: int
+    fraction: float
+
+
+def _interpolated(samples: Sequence[Sample], at: float) -> Sample:
+    """The progress at ``at``, on the straight line between the samples around it.
+
+    Before the first sample it is the first (the window is shortened to the copy).
+    """
+    before = samples[0]
+    for sample in samples[1:]:
+        if sample.at <= at:
+            before = sample
+            continue
+        if before.at >= at:
+            return before
+        share = (at - before.at) / (sample.at - before.at)
+        return Sample(
+            at,
+            round(before.bytes_done + share * (sample.bytes_done - before.bytes_done)),
+            before.fraction + share * (sample.fraction - before.fraction),
+        )
+    return before
+
+
+def _windowed(samples: Sequence[Sample], end: float) -> Optional[tuple[Sample, Sample]]:
+    """The first and last progress of the window that ends at ``end``, or ``None``.
+
+    The window is :data:`RATE_WINDOW` seconds long, shorter while the copy is
+    younger; past the last sample the progress is taken to have stayed put.
+    """
+    if not samples:
+        return None
+    last = samples[-1]
+    if end > last.at:
+        last = Sample(end, last.bytes_done, last.fraction)
+    first = _interpolated(samples, max(end - RATE_WINDOW, samples[0].at))
+    if last.at - first.at <= 0:
+        return None
+    return first, last
+
+
+def _sampled(samples: tuple[Sample, ...], sample: Sample) -> tuple[Sample, ...]:
+    """``samples`` with ``sample`` added, spaced and cut to the window before it."""
+    kept = list(samples)
+    if len(kept) >= 2 and sample.at - kept[-2].at < SAMPLE_SPACING:
+        kept[-1] = sample
+    else:
+        kept.append(sample)
+    # One sample at or before the window's start stays, for the progress there.
+    while len(kept) >= 2 and kept[1].at <= sample.at - RATE_WINDOW:
+        del kept[0]
+    return tuple(kept)
+
+
 @attrs.frozen
 class Stall:
     """A running job that has made no progress since ``since``, waiting on ``on``.
@@ -202,6 +272,20 @@ def _disk_fraction(disk: DiskState) -> float:
     return 0.0
 
 
+def _disk_copied(disk: DiskState) -> int:
+    """Bytes of a disk's copy done, within its total (all of it once completed)."""
+    total = disk.bytes_total or 0
+    if disk.status == "completed":
+        return max(total, disk.bytes_done) if total else disk.bytes_done
+    return min(disk.bytes_done, total) if total else disk.bytes_done
+
+
+#: How a job's progress weighs its disks, settled when its copy begins: by their
+#: bytes when every disk's size was known then, else each disk alike.
+WEIGH_BYTES = "bytes"
+WEIGH_DISKS = "disks"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -238,6 +322,19 @@ class Job:
     stalled: Optional[Stall] = None
     #: The job's snapshot, once the client has said it took one (or may have).
     snapshot: Optional[SnapshotState] = None
+    #: ``WEIGH_BYTES`` or ``WEIGH_DISKS`` once the copy has begun (see :attr:`fraction`).
+    weighting: Optional[str] = None
+    #: The highest ``progress_percent`` shown so far: it never goes back.
+    percent_floor: float = 0.0
+    #: The legacy client's pushes when no disk is known from its lines: the disks it
+    #: finished (a push whose ``status`` turned ``completed``), their bytes, and the
+    #: bytes of the one it copies now.
+    pushed_runs: int = 0
+    pushed_base: int = 0
+    pushed_run_bytes: int = 0
+    #: The copy's progress over the last :data:`RATE_WINDOW` seconds, for the rate
+    #: and the ETA; in memory only (a restarted daemon's jobs have ended).
+    rate_samples: tuple[Sample, ...] = attrs.field(default=(), eq=False, repr=False)
 
     @classmethod
     def from_request(
@@ -278,13 +375,17 @@ class Job:
 
     @property
     def bytes_done(self) -> int:
+        """Bytes copied over every disk (the legacy client's pushes without disks: theirs)."""
         if self.reports_per_disk:
             return sum(d.bytes_done for d in self.disks)
         return self.aggregate_done
 
     @property
     def bytes_total(self) -> Optional[int]:
-        """Bytes to copy over all disks, ``None`` while any disk's size is unknown."""
+        """Bytes to copy over all disks, ``None`` while any disk's size is unknown.
+
+        Without any disk known, the job-wide total the client gave, if it did.
+        """
         if self.reports_per_disk:
             if all(d.bytes_total is not None for d in self.disks):
                 return sum(d.bytes_total or 0 for d in self.disks)
@@ -292,24 +393,109 @@ class Job:
         return self.aggregate_total
 
     @property
+    def fraction(self) -> float:
+        """The share of the copy done, from 0 to 1, as the disks are weighed.
+
+        Weighed by bytes when every disk's size was known at the copy's first byte
+        (our client plans every disk first); else each disk alike, a disk's share
+        growing with its bytes once its size is known (the legacy client names
+        each disk only as it starts it).  Without any disk known, the legacy
+        client's pushes: the disks it finished, and its bytes of the current one.
+        """
+        disks = self.disks
+        if not disks:
+            return 0.0
+        if self.reports_per_disk:
+            if self.weighting != WEIGH_DISKS:
+                total = sum(d.bytes_total or 0 for d in disks)
+                if total and all(d.bytes_total is not None for d in disks):
+                    return min(sum(_disk_copied(d) for d in disks) / total, 1.0)
+            return sum(_disk_fraction(d) for d in disks) / len(disks)
+        push = self.pushed
+        if push is None:
+            aggregate = self.aggregate_total
+            return min(self.aggregate_done / aggregate, 1.0) / len(disks) if aggregate else 0.0
+        current = 0.0
+        if push.status != "completed" and push.total_bytes:
+            current = min(self.pushed_run_bytes / push.total_bytes, 1.0)
+        return min((self.pushed_runs + current) / len(disks), 1.0)
+
+    @property
     def progress_percent(self) -> float:
-        """Bytes-weighted over every disk; 100 only once the job has completed."""
+        """:attr:`fraction` in percent, never lower than shown before; 100 only once the
+        job has completed, at most 99.99 until then."""
         if self.status is JobStatus.COMPLETED:
             return 100.0
-        total = self.bytes_total
-        if self.reports_per_disk:
-            if total:
-                percent = 100.0 * min(self.bytes_done, total) / total
-            else:
-                # Some disk's size is not known yet: weigh the disks equally.
-                percent = 100.0 * sum(_disk_fraction(d) for d in self.disks) / len(self.disks)
-        elif self.pushed is not None and self.pushed.percent:
-            percent = self.pushed.percent
-        elif total:
-            percent = 100.0 * min(self.bytes_done, total) / total
-        else:
-            percent = 0.0
-        return min(round(percent, 2), 99.99)
+        return min(max(self.percent_floor, round(100.0 * self.fraction, 2)), 99.99)
+
+    def _window(self, now: datetime) -> Optional[tuple[Sample, Sample]]:
+        if not self.status.active or not self.rate_samples:
+            return None
+        last = self.rate_samples[-1].at
+        return _windowed(self.rate_samples, max(last, now.timestamp() - REPORT_GRACE))
+
+    def rate_bps(self, now: datetime) -> Optional[float]:
+        """Bytes per second over the last :data:`RATE_WINDOW` seconds of the copy.
+
+        The window ends at the last report, or :data:`REPORT_GRACE` seconds before
+        ``now`` once reports stop.  ``None`` before two reports of the copy, and
+        once the job has ended.
+        """
+        window = self._window(now)
+        if window is None:
+            return None
+        first, last = window
+        return max(last.bytes_done - first.bytes_done, 0) / (last.at - first.at)
+
+    def eta_seconds(self, now: datetime) -> Optional[float]:
+        """Seconds until the copy is done at the pace of the same window.
+
+        What is left of :attr:`fraction` over its rate of growth in the window:
+        with disks weighed by bytes, the bytes left over the rate.  ``None`` while
+        unknown (no pace yet, nothing moved in the window) and once ended.
+        """
+        window = self._window(now)
+        if window is None:
+            return None
+        first, last = window
+        if last.fraction >= 1.0:
+            return 0.0
+        pace = (last.fraction - first.fraction) / (last.at - first.at)
+        if pace <= 0:
+            return None
+        return (1.0 - last.fraction) / pace
+
+    def duration_seconds(self, now: datetime) -> float:
+        """From the start to the end, or to ``now`` while running."""
+        return max(((self.ended_at or now) - self.started_at).total_seconds(), 0.0)
+
+    def average_rate_bps(self, now: datetime) -> Optional[float]:
+        """Bytes copied over :meth:`duration_seconds`; ``None`` for a job of no duration."""
+        duration = self.duration_seconds(now)
+        return self.bytes_done / duration if duration > 0 else None
+
+    def _measured(self, now: datetime) -> Job:
+        """The job with its progress after a change measured: the weighting once the
+        copy has begun, the highest percentage shown, a rate sample, the rate."""
+        weighting = self.weighting
+        if weighting is None and self.reports_per_disk and self._copy_begun:
+            planned = all(d.bytes_total is not None for d in self.disks)
+            weighting = WEIGH_BYTES if planned else WEIGH_DISKS
+        job = attrs.evolve(self, weighting=weighting)
+        fraction = job.fraction
+        floor = max(self.percent_floor, min(round(100.0 * fraction, 2), 99.99))
+        samples = self.rate_samples
+        aggregate = not job.reports_per_disk and job.aggregate_total is not None
+        if weighting is not None or aggregate:
+            samples = _sampled(samples, Sample(now.timestamp(), job.bytes_done, fraction))
+        job = attrs.evolve(job, percent_floor=floor, rate_samples=samples)
+        return attrs.evolve(job, throughput_bps=job.rate_bps(now))
+
+    @property
+    def _copy_begun(self) -> bool:
+        # Settled at the first byte (or the first disk done): a client may start
+        # several disks before it copies any.
+        return any(d.status == "completed" or d.bytes_done for d in self.disks)
 
     # -- transitions ----------------------------------------------------
 
@@ -334,6 +520,9 @@ class Job:
         """The job after one event from its client.  Events after the end are ignored."""
         if not self.status.active:
             return self
+        return self._applied(event, now)._measured(now)
+
+    def _applied(self, event: events.Event, now: datetime) -> Job:
         match event:
             case events.Phase(phase=phase, message=message):
                 return self._touch(
@@ -367,7 +556,6 @@ class Job:
                     now,
                     aggregate_done=event.bytes_done,
                     aggregate_total=event.bytes_total or self.aggregate_total,
-                    throughput_bps=event.throughput_bps,
                 )
             case events.Progress(disk_key=key):
                 index = self._disk(key)
@@ -378,14 +566,16 @@ class Job:
                     index,
                     now,
                     status="running" if disk.status == "pending" else disk.status,
-                    bytes_done=event.bytes_done,
+                    # A disk's count never goes back (the legacy client's pushes may
+                    # have counted ahead of its lines).
+                    bytes_done=max(event.bytes_done, disk.bytes_done),
                     bytes_total=event.bytes_total
                     if event.bytes_total is not None
                     else disk.bytes_total,
                 )
                 # Bytes moving again end a stall, even one whose resume was lost.
                 stalled = None if event.bytes_done > disk.bytes_done else self.stalled
-                return job._touch(now, throughput_bps=event.throughput_bps, stalled=stalled)
+                return job._touch(now, stalled=stalled)
             case events.DiskDone(disk_key=key):
                 index = self._disk(key)
                 if index is None:
@@ -452,15 +642,49 @@ class Job:
         return attrs.evolve(self, snapshot=snapshot)
 
     def pushed_progress(self, push: PushedProgress, now: datetime) -> Job:
-        """Apply a push from the Go client; its byte counts become the aggregate."""
-        return self._touch(
+        """Apply a push from the Go client (``push`` is merged with the ones before).
+
+        Its pushes name no disk, and its byte counts start again with each disk.
+        Once its lines have named the disk it copies, a push's new byte count is
+        that disk's; before, the pushes alone count the disks it finished (a push
+        whose ``status`` turns ``completed``) and the bytes of each (its last count
+        in progress: the completed push's is its total).  A count
+        the merge kept from an earlier push (the Go SNA kept the last non-zero
+        one) says nothing new and is not used.  Its own ``percent`` and
+        ``throughput_bps`` are kept with the push, not used.
+        """
+        last = self.pushed
+        fresh = last is None or push.bytes_transferred != last.bytes_transferred
+        finished = push.status == "completed" and (last is None or last.status != "completed")
+        job = self._touch(
             now,
             pushed=push,
-            aggregate_done=push.bytes_transferred or self.aggregate_done,
-            aggregate_total=push.total_bytes or self.aggregate_total,
-            throughput_bps=push.throughput_bps,
             current_operation=stage_operation(push.stage) or self.current_operation,
         )
+        if self.reports_per_disk:
+            running = [i for i, d in enumerate(job.disks) if d.status == "running"]
+            if fresh and push.status != "completed" and len(running) == 1:
+                disk = job.disks[running[0]]
+                if disk.bytes_total is not None:
+                    counted = min(max(disk.bytes_done, push.bytes_transferred), disk.bytes_total)
+                    job = job._with_disk(running[0], now, bytes_done=counted)
+            return job._measured(now)
+        runs, base, current = self.pushed_runs, self.pushed_base, self.pushed_run_bytes
+        if finished:
+            # Its last push of a disk says bytes = its total (a job-wide estimate): the
+            # disk's bytes are what its last push in progress counted.
+            runs, base, current = runs + 1, base + current, 0
+        elif fresh and push.status != "completed":
+            current = push.bytes_transferred
+        job = attrs.evolve(
+            job,
+            pushed_runs=runs,
+            pushed_base=base,
+            pushed_run_bytes=current,
+            aggregate_done=base + current,
+            aggregate_total=push.total_bytes or self.aggregate_total,
+        )
+        return job._measured(now)
 
     def with_relay_counts(self, counts: Mapping[str, tuple[int, int]]) -> Job:
         """The byte counts of the disks' relays, ``{disk_key: (to_hub, from_hub)}``."""
@@ -576,7 +800,12 @@ class Job:
                 return value.value
             return value
 
-        return attrs.asdict(self, value_serializer=convert)
+        record = attrs.asdict(
+            self,
+            filter=lambda field, _value: field.name != "rate_samples",
+            value_serializer=convert,
+        )
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Job:

@@ -165,14 +165,21 @@ class BackupClientProtocol(ProcessProtocol):
         for stream, lines in self._lines.items():
             for line in lines.rest():
                 self._line(stream, line)
+        # Only what is known of the end: an exit code or a signal, never "None".
+        ended = [f"exit_code={exit_code}"] if exit_code is not None else []
+        if exit_signal is not None:
+            ended.append(f"signal={exit_signal}")
         # The job log never raises: a full disk costs lines, not the job's end.
-        self._job_log.write("sna", f"process ended: exit_code={exit_code} signal={exit_signal}")
+        self._job_log.write("sna", "process ended: " + (" ".join(ended) or "no exit status"))
         self._job_log.close()
         self.log.info(
-            "backup client of job {job_id} ended: exit code {exit_code}, signal {exit_signal}",
+            "backup client of job {job_id} ended: {how}",
             job_id=self.job_id,
             exit_code=exit_code,
             exit_signal=exit_signal,
+            how=f"exit code {exit_code}"
+            if exit_code is not None
+            else (f"signal {exit_signal}" if exit_signal is not None else "no exit status"),
         )
         # A killed client did not choose its last words: only an error line explains it.
         last = self.last_error_line

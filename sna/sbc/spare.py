@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sna.contract import standby
+from sna.logging import printable
 
 #: An unused spare is replaced after this many seconds.
 MAX_AGE = 3600.0
@@ -81,9 +82,9 @@ class SpareProtocol(ProcessProtocol):
         if self.ready or self.rejected:
             # Nothing is expected before the job: said once, otherwise ignored.
             self.log.warn(
-                "spare backup client pid {pid} printed {data!r} while waiting",
+                "spare backup client pid {pid} printed '{data}' while waiting",
                 pid=self.pid,
-                data=data[:200],
+                data=printable(data[:200].decode("utf-8", "replace")),
             )
             return
         self._out = (self._out + data)[-MAX_EARLY_OUTPUT:]
@@ -97,10 +98,10 @@ class SpareProtocol(ProcessProtocol):
         else:
             self.rejected = True
             self.log.warn(
-                "spare backup client pid {pid} printed {line!r} instead of its ready line; "
+                "spare backup client pid {pid} printed '{line}' instead of its ready line; "
                 "stopping it",
                 pid=self.pid,
-                line=line[:200],
+                line=printable(line[:200].decode("utf-8", "replace")),
             )
             self.pool._retire(self, "it did not say it was ready")
 
@@ -279,7 +280,9 @@ class SparePool(Service):
             )
         except OSError as e:
             self.log.warn(
-                "cannot start a spare backup client {exe}: {reason}", exe=executable, reason=e
+                "cannot start a spare backup client {exe}: {reason}",
+                exe=executable,
+                reason=e.strerror or str(e),
             )
             self._retry = self._clock.callLater(RETRY_DELAY, self._fill)
             return False
