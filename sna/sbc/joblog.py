@@ -7,8 +7,13 @@ they cannot be written (:meth:`LogDirectory.problem`).  A job log never
 raises once open: a write the disk refuses (full, read-only, gone) costs that
 line, is counted, and is said in the log once it can be written again and in
 the daemon's log; the job it belongs to goes on.  What a line says (masking,
-parsing) is the protocol's business, not this module's; it never reads a log
-back.
+parsing) is the protocol's business, not this module's; the writing side
+never reads a log back.
+
+The reading side, for ``GET /api/v1/jobs/{job_id}/log``, is at the end:
+:func:`read_lines` reads whole lines from a byte offset, :func:`job_start`
+finds where a job's own lines begin in a file that earlier jobs of its id
+also wrote, and :meth:`LogDirectory.find` which directory holds it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Optional
 
+import attrs
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+
+from sna.contract.ids import log_file_name
 
 #: What a directory must take for sna to call it writable: room for some lines and
 #: records, not just one.
@@ -157,7 +165,9 @@ class LogDirectory:
                 candidate.makedirs(ignoreExistingDirectory=True)
             except OSError as e:
                 self.log.warn(
-                    "cannot use log directory {path}: {reason}", path=candidate.path, reason=e
+                    "cannot use log directory {path}: {reason}",
+                    path=candidate.path,
+                    reason=e.strerror or str(e),
                 )
                 continue
             if os.access(candidate.path, os.W_OK | os.X_OK):
@@ -180,6 +190,17 @@ class LogDirectory:
         self._open.append(job_log)
         return job_log
 
+    def find(self, job_id: str) -> FilePath[str]:
+        """Where the log of ``job_id`` is: in the directory in use, else the other one (an
+        earlier run may have written it there); the former if neither has it."""
+        name = log_file_name(job_id)
+        here = self.current.child(name)
+        for directory in (self.current, self.preferred, self.fallback):
+            candidate = directory.child(name)
+            if candidate.isfile():
+                return candidate
+        return here
+
     def problem(self) -> Optional[str]:
         """Why job logs cannot be written now, or ``None``.
 
@@ -189,3 +210,83 @@ class LogDirectory:
             if job_log.problem is not None:
                 return job_log.problem
         return probe(self.current, "the log directory")
+
+
+# -- reading a job log back (GET /api/v1/jobs/{job_id}/log) -----------------------------
+
+#: How much of a log :func:`job_start` reads at a time.
+_SCAN_CHUNK = 64 * 1024
+
+
+@attrs.frozen
+class LogSlice:
+    """Whole lines of a log from ``offset`` up to ``next_offset`` (bytes), each without
+    its ``\\n``; ``size`` is the file's size when it was read."""
+
+    offset: int
+    next_offset: int
+    size: int
+    data: bytes
+
+    @property
+    def lines(self) -> list[str]:
+        text = self.data.decode("utf-8", "replace")
+        return text.removesuffix("\n").split("\n") if text else []
+
+
+def read_lines(path: FilePath[str], offset: int, limit: int, ended: bool) -> LogSlice:
+    """Whole lines of ``path`` from ``offset``, at most ``limit`` bytes of them.
+
+    A last line without its newline yet is left for later, unless the job has
+    ``ended`` (nothing will finish it) or it alone is longer than ``limit`` (it
+    is then cut there).  Raises :class:`OSError` if the file cannot be read.
+    """
+    with open(path.path, "rb") as log:
+        size = os.fstat(log.fileno()).st_size
+        log.seek(offset)
+        data = log.read(min(limit, max(size - offset, 0)))
+    end = data.rfind(b"\n") + 1
+    if end == 0 and data:
+        whole = ended and offset + len(data) >= size
+        end = len(data) if whole or len(data) >= limit else 0
+    elif end < len(data) and ended and offset + len(data) >= size:
+        end = len(data)
+    return LogSlice(offset, offset + end, size, data[:end])
+
+
+def _stamp(line: bytes) -> Optional[datetime]:
+    """The time a log line starts with (``2026-11-26T09:12:03.482Z``), if it does."""
+    head = line[:30].split(b" ", 1)[0]
+    try:
+        moment = datetime.fromisoformat(head.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def job_start(path: FilePath[str], started: datetime) -> int:
+    """The offset of the first line of ``path`` written at or after ``started``.
+
+    A log is appended to by every job of its id, one after the other: the job
+    that started at ``started`` wrote from its first line on (the ``sna
+    starting`` line, written after its start).  The file's size if no line is.
+    Raises :class:`OSError` if the file cannot be read.
+    """
+    # Lines carry milliseconds; the job's start has microseconds.
+    since = started.replace(microsecond=started.microsecond // 1000 * 1000)
+    offset = 0
+    rest = b""
+    with open(path.path, "rb") as log:
+        while True:
+            chunk = log.read(_SCAN_CHUNK)
+            if not chunk:
+                # A last line without its newline (a cut write) is a line too.
+                moment = _stamp(rest) if rest else None
+                return offset if moment is not None and moment >= since else offset + len(rest)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                moment = _stamp(line)
+                if moment is not None and moment >= since:
+                    return offset
+                offset += len(line) + 1
