@@ -10,7 +10,11 @@ setup(
     # twisted/plugins has no __init__.py (Twisted's own must not be shadowed),
     # so find_packages() cannot see it: it is listed by hand.
     packages=[*find_packages(exclude=["tests", "tests.*", "benchmarks"]), "twisted.plugins"],
-    package_data={"sna": ["py.typed"]},
+    package_data={
+        "sna": ["py.typed"],
+        # The dashboard's page, styles and script (sna/web), served at / and /ui/.
+        "sna.web": ["static/*"],
+    },
     install_requires=[
         "twisted>=24.7",
         "klein>=24.8",
@@ -18,9 +22,14 @@ setup(
         "attrs>=23.1",
         "prometheus-client>=0.20",
         "pyvmomi>=8.0",
+        # Reading vCenter certificates for sna-ctl vcenter trust (sna/vmware/pins.py).
+        "cryptography>=42",
     ],
     entry_points={
-        "console_scripts": ["sendense-backup-client = sna.backup.cli:main"],
+        "console_scripts": [
+            "sendense-backup-client = sna.backup.cli:main",
+            "sna-ctl = sna.ctl.cli:main",
+        ],
     },
     extras_require={
         "dev": [
@@ -30,6 +39,14 @@ setup(
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.6",
+            # The OpenAPI document's tests (tests/unit/test_openapi.py,
+            # tests/integration/test_openapi.py).
+            "openapi-spec-validator>=0.7",
+            "jsonschema>=4.18",
+            "schemathesis>=4.0",
+            # The dashboard's browser tests (tests/integration/test_dashboard.py) drive
+            # Debian's chromium (make deps); Playwright never downloads a browser here.
+            "playwright>=1.45",
         ],
     },
 )

@@ -64,6 +64,16 @@ def thumbprint_of(der: bytes, algorithm: str = "sha1") -> str:
     return normalise_thumbprint(hashlib.new(algorithm, der).hexdigest())
 
 
+def algorithm_of(thumbprint: str) -> str:
+    """``sha1`` or ``sha256``: the digest a thumbprint is, by its length (any form)."""
+    return _DIGESTS[len(re.sub(r"[\s:]", "", thumbprint))]
+
+
+def thumbprints(der: bytes) -> dict[str, str]:
+    """Both thumbprints of a DER certificate, ``{"sha256": ..., "sha1": ...}``."""
+    return {algorithm: thumbprint_of(der, algorithm) for algorithm in ("sha256", "sha1")}
+
+
 def matches(thumbprint: str, der: bytes) -> bool:
     """Whether the DER certificate has this (normalised) thumbprint."""
     digits = thumbprint.replace(":", "")

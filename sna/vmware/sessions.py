@@ -12,7 +12,9 @@ TLS is verified against the system CAs by default (always with a context of
 ours: pyvmomi would switch verification off for loopback addresses by
 itself); a request may pin the certificate's SHA-1 or SHA-256 thumbprint,
 checked on every connection before anything is sent; ``insecure`` turns
-verification off for labs, loudly.
+verification off for labs, loudly.  A request that pins nothing is checked
+against the pin an operator stored for its vCenter, if any (``pins``,
+:mod:`sna.vmware.pins`).
 
 This module knows nothing of VMs, HTTP routes or jobs.  Passwords are in no
 log line: sessions are named ``user@host:port``.
@@ -41,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from sna.contract.soap import negotiate_version
 from sna.contract.tls import TlsSettings, normalise_thumbprint, ssl_context
 from sna.vmware.faults import is_not_authenticated, translate
-from sna.vmware.interface import Credentials, TimedOut, VSphereError
+from sna.vmware.interface import CertificateRejected, Credentials, TimedOut, VSphereError
 
 T = TypeVar("T")
 
@@ -172,7 +174,10 @@ class SessionPool:
         idle_timeout: float = IDLE_TIMEOUT,
         check_interval: Optional[float] = None,
         call_timeout: float = CALL_TIMEOUT,
+        pins: Optional[Callable[[str, int], Optional[str]]] = None,
     ) -> None:
+        #: The stored pin of a vCenter (host, port), for requests that pin nothing.
+        self._pins = pins
         self._reactor = reactor
         self._pool = pool
         self.clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
@@ -275,6 +280,13 @@ class SessionPool:
     ) -> T:
         limit = timeout if timeout is not None else self.call_timeout
         who = f"{credentials.user}@{credentials.where}"
+        stored_pin = False
+        if credentials.thumbprint is None and self._pins is not None:
+            # Looked up per call: a pin stored or removed applies to the next request.
+            pinned = self._pins(credentials.host, credentials.port)
+            if pinned is not None:
+                credentials = attrs.evolve(credentials, thumbprint=pinned)
+                stored_pin = True
         for attempt in (1, 2):
             session: Optional[_Session] = None
             try:
@@ -288,6 +300,11 @@ class SessionPool:
                     self._retire(session, logout=False)
                     continue
                 error = translate(e, credentials, what)
+                if stored_pin and isinstance(error, CertificateRejected):
+                    error = CertificateRejected(
+                        f"{error.message} (the pin stored for {credentials.where}; "
+                        "sna-ctl vcenter trust shows the certificate and stores it again)"
+                    )
                 if isinstance(error, VSphereError):
                     log.info(
                         "{what} as {who} failed: {error}",

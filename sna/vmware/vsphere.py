@@ -746,11 +746,12 @@ class VSphere:
                 continue
             except VSphereError as e:
                 log.warn(
-                    "removing snapshot {name} of {vm_path} failed after removing {removed}: "
+                    "removing snapshot {name} of {vm_path} failed after removing {removed_text}: "
                     "{error}",
                     name=name,
                     vm_path=vm_path,
                     removed=removed,
+                    removed_text=", ".join(removed) or "none",
                     error=e.message,
                 )
                 raise
