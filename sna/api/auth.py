@@ -3,7 +3,8 @@
 Off by default: the API listens on loopback and the SHA reaches it through
 an SSH tunnel.  With ``--auth-token-file`` every route except
 ``/api/v1/health`` needs ``Authorization: Bearer <token>``, except the legacy
-client's progress pushes from loopback.  The token is
+client's progress pushes from loopback and the dashboard's shell (``GET /``
+and ``/ui/{file}``, which hold no data).  The token is
 compared in constant time and never logged.
 """
 
@@ -23,6 +24,11 @@ from sna.api.http import json_response
 #: Routes anyone may read: liveness probes carry no token.
 OPEN_PATHS = frozenset({b"/api/v1/health"})
 _PUSH = re.compile(rb"/api/v1/progress/[^/]+/update")
+#: The dashboard's shell (sna/web): its page, styles and script hold no data,
+#: and a browser opening a page cannot send a token.  The page asks for the
+#: token and sends it on every API call it makes; anything else needs it.
+SHELL_PATHS = re.compile(rb"/|/ui/[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHELL_METHODS = frozenset({b"GET", b"HEAD"})
 
 
 def _from_loopback(request: IRequest) -> bool:
@@ -60,6 +66,8 @@ class BearerTokenAuthorization(Resource):
 
     def _authorized(self, request: IRequest) -> bool:
         if request.path in OPEN_PATHS:
+            return True
+        if request.method in _SHELL_METHODS and SHELL_PATHS.fullmatch(request.path):
             return True
         if _PUSH.fullmatch(request.path) and _from_loopback(request):
             # The legacy Go client pushes progress from this host and sends no token.
