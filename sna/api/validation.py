@@ -54,6 +54,12 @@ _ANY_TEXT = frozenset({"vcenter_password", "password", "job_id"})
 #: Everything else, spaces and non-ASCII letters included, is allowed: vCenter
 #: names may hold them.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: Passwords: characters XML 1.0 cannot carry, not even escaped.  vSphere's
+#: SOAP would carry the password to vCenter, which refuses such a request
+#: (a 502 from vCenter, or a job that fails at its login, for input that
+#: could never have worked).
+_NOT_XML = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_PASSWORDS = frozenset({"vcenter_password", "password"})
 
 
 def invalid(field: str, message: str) -> ApiError:
@@ -87,6 +93,10 @@ def _string(body: Mapping[str, Any], field: str, required: bool) -> Optional[str
         raise invalid(field, f"{field} is too long ({len(value)} characters, at most {limit})")
     if field not in _ANY_TEXT:
         check_text(field, value)
+    elif field in _PASSWORDS:
+        if _NOT_XML.search(value):
+            # Which character, and where, would tell part of the secret: neither is said.
+            raise invalid(field, f"{field} has a control character that vCenter cannot be sent")
     return value
 
 
@@ -383,7 +393,8 @@ def parse_cleanup_request(body: Mapping[str, Any]) -> CleanupRequest:
     action = _string(body, "action", True)
     if action not in CLEANUP_ACTIONS:
         raise invalid("action", f"action must be one of: {', '.join(CLEANUP_ACTIONS)}")
-    job_id = _optional(body, "job_id")
+    # Byte for byte, as backup/start takes it: the snapshot's name is made of it.
+    job_id = _string(body, "job_id", False) or None
     if job_id is not None:
         check_job_id(job_id)
     elif action == "delete_snapshot":

@@ -192,6 +192,17 @@ def test_cleanup_checks(harness: Harness) -> None:
     assert harness.vsphere.calls[-1][1][1:] == ("/DC1/vm/a", None)
 
 
+def test_cleanup_takes_the_job_id_byte_for_byte(harness: Harness) -> None:
+    # The snapshot is sbak-{job_id}: a trimmed id would name another snapshot.
+    body = {**CREDS, "action": "delete_snapshot", "vm_path": "/DC1/vm/a"}
+    code, _ = harness.request("POST", "/api/v1/cleanup", {**body, "job_id": " backup-a-1 "})
+    assert code == 200
+    assert harness.vsphere.calls[-1][1][1:] == ("/DC1/vm/a", " backup-a-1 ")
+    code, answer = harness.request("POST", "/api/v1/cleanup", {**body, "job_id": "   "})
+    assert (code, answer["field"]) == (400, "job_id")
+    assert answer["message"].startswith("job_id is blank")
+
+
 def test_double_slashes_are_not_found(harness: Harness) -> None:
     code, answer = harness.request("GET", "/api/v1//health")
     assert (code, answer["error"]) == (404, "not_found")
