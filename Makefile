@@ -8,6 +8,10 @@ STAMP := $(VENV)/.stamp
 
 # Debian packages the test suite needs; `make deps` installs the missing ones.
 APT_PACKAGES := sqlite3 qemu-utils libnbd-bin nbdkit socat golang-go golang-github-vmware-govmomi-dev
+# The dashboard's browser tests (tests/integration/test_dashboard.py) run Debian's Chromium headless.
+APT_PACKAGES += chromium
+# systemd-analyze, systemd-sysusers and systemd-tmpfiles check deploy/ (tests/integration/test_deploy.py).
+APT_PACKAGES += systemd
 # Debian splits venv support out of python3; needed only when ensurepip is missing.
 VENV_APT_PACKAGES := python3-venv
 
@@ -103,3 +107,42 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) var
+
+# `make install`: sna and its backup client in a venv of their own under
+# PREFIX, and the systemd unit, sysusers and tmpfiles files that run them
+# (deploy/; docs/operations.md, "Installing").  DESTDIR stages it all, for a
+# package: the venv's scripts then name PREFIX, where they will run, not
+# DESTDIR.  The options file is installed only where there is none yet.
+PREFIX ?= /opt/sna
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
+TMPFILESDIR ?= /etc/tmpfiles.d
+INSTALL_VENV = $(DESTDIR)$(PREFIX)/venv
+
+.PHONY: install
+
+# setuptools builds in build/lib and would package whatever a deleted module
+# left there, so that goes before and after.  The plugin cache is written while
+# the venv is writable: the service cannot write it under ProtectSystem=strict.
+install:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { $(call apt_install,$(VENV_APT_PACKAGES)); }
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	rm -rf build/lib build/bdist.*
+	$(INSTALL_VENV)/bin/python -m pip install --upgrade $(CURDIR)
+	rm -rf build/lib build/bdist.*
+	$(INSTALL_VENV)/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@if [ -n "$(DESTDIR)" ]; then \
+		grep -rlIF '$(INSTALL_VENV)' $(INSTALL_VENV)/bin $(INSTALL_VENV)/pyvenv.cfg | while read -r file; do \
+			sed -i 's|$(INSTALL_VENV)|$(PREFIX)/venv|g' "$$file"; \
+		done; \
+	fi
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(SYSCONFDIR)/sna
+	sed -e 's|/opt/sna/|$(PREFIX)/|g' -e 's|/etc/sna/|$(SYSCONFDIR)/sna/|g' deploy/sna.service > $(DESTDIR)$(UNITDIR)/sna.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/sna.service
+	install -m 0644 deploy/sna.sysusers $(DESTDIR)$(SYSUSERSDIR)/sna.conf
+	install -m 0644 deploy/sna.tmpfiles $(DESTDIR)$(TMPFILESDIR)/sna.conf
+	[ -e $(DESTDIR)$(SYSCONFDIR)/sna/sna.env ] || install -m 0644 deploy/sna.env $(DESTDIR)$(SYSCONFDIR)/sna/sna.env
+	@[ -n "$(DESTDIR)" ] || echo "installed; then, as root: systemd-sysusers $(SYSUSERSDIR)/sna.conf &&" \
+		"systemd-tmpfiles --create $(TMPFILESDIR)/sna.conf && systemctl daemon-reload && systemctl enable --now sna"

@@ -96,11 +96,7 @@ class SnaService(MultiService):
         if self._hub is not None:
             # Telemetry of the jobs to come, and what an earlier run could not deliver.
             self._hub.start()
-        self.log.info(
-            "sna started: state in {state}, job logs in {logs}",
-            state=self._state_dir.path,
-            logs=self._log_dir.current.path,
-        )
+        # The start line, with these directories, is sna.tap.StartLine's, a child.
         super().startService()  # type: ignore[no-untyped-call]
 
     def _check_state_dir(self) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import math
 import os
+import shlex
 import ssl
 import time
 import urllib.parse
@@ -20,7 +21,7 @@ from typing import Any, Optional, cast
 import attrs
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorFromThreads
@@ -34,21 +35,24 @@ from sna import __version__
 from sna.api.app import SnaAPI
 from sna.api.auth import BearerTokenAuthorization, check_secret_file, read_token
 from sna.api.http import ApiSite, ConnectionLimits, make_site
+from sna.api.joblog_route import JobLogs
 from sna.config import ConfigError, Settings
 from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import LeftoverClients
-from sna.jobs.manager import JobManager
+from sna.jobs.manager import JobManager, PinnedLauncher
 from sna.jobs.model import utcnow
 from sna.jobs.store import SQLiteJobStore
 from sna.nbd.gateway import NbdGateway
 from sna.nbd.relay import RelayRegistry
-from sna.sbc.command import ClientCommand
+from sna.nbd.relay.history import RelayHistory, RelayHistorySampler
+from sna.sbc.command import ClientCommand, ClientUnavailable
 from sna.sbc.joblog import LogDirectory
 from sna.sbc.launcher import ProcessLauncher
 from sna.service import CannotStart, SnaService
-from sna.sha.client import ShaClient
+from sna.sha.client import QuietConnectionPool, ShaClient
 from sna.sha.hub import ShaHub
 from sna.telemetry.metrics import Metrics
+from sna.vmware.pins import CertificateProbe, VCenterPins
 from sna.vmware.sessions import SessionPool
 from sna.vmware.vsphere import VSphere
 
@@ -323,19 +327,27 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         relays,
         launcher.spares.counts if launcher.spares is not None else None,
         store.outbox_counts if config["sha-url"] else None,
+        jobs=lambda: manager.jobs(),
     )
     pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
+    # vCenter certificates operators pinned (sna-ctl vcenter trust): used by the
+    # sessions and the backups of requests that pin none themselves.
+    pins = VCenterPins(store, utcnow)
+    certificates = CertificateProbe(
+        cast(IReactorFromThreads, reactor), reactor, pool, ca_file=config["vcenter-ca-file"]
+    )
     sessions = SessionPool(
         cast(IReactorFromThreads, reactor),
         pool,
         insecure=bool(config["vcenter-insecure"]),
         ca_file=config["vcenter-ca-file"],
+        pins=pins.thumbprint_for,
     )
     vsphere = VSphere(sessions)
     hub = None
     if config["sha-url"]:
         hub = ShaHub(
-            ShaClient(HTTPClient(Agent(reactor)), config["sha-url"], reactor),
+            ShaClient(HTTPClient(_sha_agent(reactor)), config["sha-url"], reactor),
             store,
             reactor,
             utcnow,
@@ -355,7 +367,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     )
     manager = JobManager(
         store,
-        launcher,
+        PinnedLauncher(launcher, pins, utcnow),
         reactor,
         settings,
         utcnow,
@@ -364,10 +376,27 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         janitor=janitor,
         hub=hub,
         leftovers=LeftoverClients(reactor),
+        on_job_ended=metrics.job_ended,
     )
-    api = SnaAPI(manager, utcnow, time.monotonic, metrics, vsphere, on_credentials=janitor.offer)
+    # The relays' throughput over the last minutes, for the dashboard's chart.
+    relay_history = RelayHistory(relays, reactor, utcnow)
+    api = SnaAPI(
+        manager,
+        utcnow,
+        time.monotonic,
+        metrics,
+        vsphere,
+        on_credentials=janitor.offer,
+        pins=pins,
+        certificates=certificates,
+        relay_history=relay_history,
+        job_logs=JobLogs(log_dir, manager.get, reactor),
+    )
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, hub)
     janitor.setServiceParent(service)  # type: ignore[no-untyped-call]
+    pins.setServiceParent(service)  # type: ignore[no-untyped-call]
+    sampler = RelayHistorySampler(relay_history, reactor)
+    sampler.setServiceParent(service)  # type: ignore[no-untyped-call]
     if launcher.spares is not None:
         launcher.spares.setServiceParent(service)  # type: ignore[no-untyped-call]
     resource = api.resource()
@@ -382,7 +411,71 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     site = make_site(resource, config["limits"], reactor)
     listening = ApiListener(config["listen"], site, reactor)
     listening.setServiceParent(service)  # type: ignore[no-untyped-call]
+    # Last: logged once the port is bound and the directories are settled.
+    spares = config["spare-clients"] if launcher.spares is not None else 0
+    start_line = StartLine(config, command, spares, state_dir.path, log_dir)
+    start_line.setServiceParent(service)  # type: ignore[no-untyped-call]
     return service
+
+
+def _sha_agent(reactor: Any) -> Agent:
+    """An Agent as ``Agent(reactor)`` makes, whose connections are not logged one by one."""
+    return Agent(reactor, pool=QuietConnectionPool(reactor, persistent=False))
+
+
+class StartLine(Service):
+    """Says what the daemon runs with, once it listens: the first line to read in its log."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Options,
+        command: ClientCommand,
+        spares: int,
+        state_dir: str,
+        log_dir: LogDirectory,
+    ) -> None:
+        self._config = config
+        self._command = command
+        self._spares = spares
+        self._state_dir = state_dir
+        self._log_dir = log_dir
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        config, command = self._config, self._command
+        problem = None
+        try:
+            client = shlex.join([command.executable(), *command.argv[1:]])
+        except ClientUnavailable as e:
+            client, problem = shlex.join(command.argv), str(e)
+        auth = config["auth-token"] is not None
+        sha_url = config["sha-url"]
+        sha_text = f"the SHA at {sha_url}" if sha_url else "no --sha-url: the SHA is told nothing"
+        self.log.info(
+            "sna {version} started: API on {listen} ({auth_text}); backup client {client} "
+            "({client_kind}, {spares} spare(s)); state in {state_dir}, job logs in {job_log_dir}; "
+            "{sha_text}",
+            version=__version__,
+            listen=config["listen"],
+            auth=auth,
+            auth_text="bearer token required" if auth else "no token: --auth-token-file not given",
+            client=client,
+            legacy=command.legacy,
+            client_kind="the legacy Go client" if command.legacy else "sna's own client",
+            spares=self._spares,
+            state_dir=self._state_dir,
+            job_log_dir=self._log_dir.current.path,  # log_* keys are twisted.logger's
+            sha_url=sha_url,
+            sha_text=sha_text,
+        )
+        if problem is not None:
+            self.log.error(
+                "{problem}: every backup/start answers 500 backup_client_unavailable "
+                "until it can be run",
+                problem=problem,
+            )
 
 
 class ApiListener(StreamServerEndpointService):

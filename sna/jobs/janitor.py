@@ -288,10 +288,11 @@ class SnapshotJanitor(Service):
         )
         self.log.info(
             "job {job_id}: vCenter confirms no snapshot of it is left on VM {vm_path} "
-            "(removed now: {removed})",
+            "(removed now: {removed_text})",
             job_id=entry.job_id,
             vm_path=entry.vm_path,
             removed=removed,
+            removed_text=", ".join(str(name) for name in removed) or "none",
         )
 
     def _failed(self, failure: Failure, entry: _Pending) -> None:

@@ -42,7 +42,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
 )
 from twisted.internet.interfaces import (
     IPushProducer,
@@ -51,7 +50,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -161,6 +160,24 @@ def client_endpoint(
     if address.version == 6:
         return TCP6ClientEndpoint(reactor, bare, port, timeout=timeout)
     return TCP4ClientEndpoint(reactor, bare, port, timeout=timeout)
+
+
+class _OneShotFactory(Factory):
+    # connectProtocol's own factory logs "Starting factory <...OneShotFactory
+    # object at 0x...>" and its stop for every connection.
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
+def connect_protocol(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred[Any]:
+    """``connectProtocol``, without a log line for each connection's start and stop."""
+    d: Deferred[Any] = endpoint.connect(_OneShotFactory(protocol))
+    return d
 
 
 @attrs.define
@@ -750,6 +767,6 @@ async def connect_endpoint(
             raise ConnectTimeout(f"{where}: no NBD session within {seconds:g} s")
         return result
 
-    d = connectProtocol(endpoint, protocol).addCallback(handshake)
+    d = connect_protocol(endpoint, protocol).addCallback(handshake)
     info = await d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
     return NBDClient(protocol, info)

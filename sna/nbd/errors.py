@@ -10,6 +10,8 @@ than only inside the message.  Nothing here does I/O.
 
 from __future__ import annotations
 
+from sna.logging import printable
+
 
 class NBDError(Exception):
     """Something went wrong talking NBD; the message is meant for humans."""
@@ -21,7 +23,7 @@ class NotNBDServer(NBDError):
     def __init__(self, received: bytes) -> None:
         self.received = bytes(received)
         super().__init__(
-            f"the peer is not an NBD server: it sent {self.received[:32]!r} "
+            f"the peer is not an NBD server: it sent '{printable(self.received[:32])}' "
             "instead of the NBDMAGIC greeting"
         )
 

@@ -25,7 +25,6 @@ from twisted.internet.defer import (
 from twisted.internet.defer import (
     TimeoutError as DeferredTimeoutError,
 )
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
@@ -33,7 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sna.nbd.client import ack_now, client_endpoint, feed_handshake
+from sna.nbd.client import ack_now, client_endpoint, connect_protocol, feed_handshake
 from sna.nbd.errors import (
     ExportNotFound,
     HandshakeError,
@@ -211,7 +210,7 @@ def probe(
         )
         return Failure(problem)
 
-    d = connectProtocol(client_endpoint(reactor, host, port, timeout), protocol)
+    d = connect_protocol(client_endpoint(reactor, host, port, timeout), protocol)
     d.addCallback(answer)
     d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
     checked: Deferred[ExportInfo] = d.addCallbacks(succeeded, failed)

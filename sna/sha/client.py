@@ -9,6 +9,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.client import (
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 
 #: Seconds one request may take, answer included (the Go client's was 10 s).
 REQUEST_TIMEOUT = 10.0
@@ -29,6 +36,38 @@ class Answer:
 
 class ShaUnreachable(Exception):
     """The request got no answer: refused, reset, timed out."""
+
+
+#: What each of the Agent's errors that wrap others means, for a log line.
+_WRAPPERS: dict[type[Exception], str] = {
+    ResponseNeverReceived: "no answer",
+    ResponseFailed: "the answer was cut off",
+    RequestTransmissionFailed: "the request could not be sent",
+}
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    # Agent's own logs "Starting factory _HTTP11ClientFactory(<function ... at
+    # 0x...>, ...)" and its stop for every connection: two lines a request.
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """Agent's connection pool, without a log line for each connection's start and stop."""
+
+    _factory = _QuietHTTP11ClientFactory
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent)  # type: ignore[no-untyped-call]
+
+
+def _wrapped(error: object) -> Optional[str]:
+    """What an Agent error that wraps others says, or None; their own text is Failure reprs."""
+    for kind, what in _WRAPPERS.items():
+        if isinstance(error, kind):
+            reasons: list[Failure] = getattr(error, "reasons", [])
+            return f"{what}: " + "; ".join(reason.getErrorMessage() for reason in reasons)
+    return None
 
 
 class ShaClient:
@@ -52,7 +91,7 @@ class ShaClient:
             if isinstance(error, defer.TimeoutError):
                 reason = f"no answer within {self._timeout:g} s"
             else:
-                reason = str(error) or type(error).__name__
+                reason = _wrapped(error) or str(error) or type(error).__name__
             raise ShaUnreachable(f"{method} {self.base_url}{path}: {reason}") from None
 
         return d.addErrback(unreachable)

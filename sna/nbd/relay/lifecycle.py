@@ -287,12 +287,14 @@ class Relay:
         self._accepted_count += 1
         conn = Connection(self, self._accepted_count, client, self._fdset)
         self._connections.append(conn)
+        peer = conn.client_transport.getPeer()
         log.info(
             "relay {job_id}/{disk_key} connection {number} from {peer}",
             job_id=self.job_id,
             disk_key=self.disk_key,
             number=conn.number,
-            peer=conn.client_transport.getPeer(),
+            # host:port, not the address object's repr
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
         )
         if self._stopping:
             conn.shutdown()
