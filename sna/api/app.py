@@ -8,9 +8,10 @@ callers expect.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
 from twisted.logger import Logger
@@ -20,10 +21,12 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from sna import __version__
-from sna.api import render
+from sna.api import openapi, render
 from sna.api.http import ApiError, json_response, read_json_object
+from sna.api.joblog_route import JobLogs
 from sna.api.validation import (
     check_job_id,
+    check_text,
     check_vm_id,
     credentials,
     credentials_from_request,
@@ -36,6 +39,9 @@ from sna.api.validation import (
     parse_spec_request,
 )
 from sna.config import ConfigError
+from sna.contract.tls import InvalidThumbprint
+from sna.contract.vcenter import InvalidAddress
+from sna.jobs import history
 from sna.jobs.manager import (
     AtCapacity,
     JobConflict,
@@ -48,9 +54,13 @@ from sna.jobs.manager import (
     UnknownJob,
 )
 from sna.jobs.model import Job, JobStatus
+from sna.logging import printable
+from sna.nbd.relay.history import RelayHistory
 from sna.sbc.command import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
 from sna.vmware.interface import Credentials, InvalidVSphereRequest, IVSphere, VSphereError
+from sna.vmware.pins import CertificateProbe, VCenterPins, parse_vcenter, presented_json
+from sna.web.shell import INDEX, Shell
 
 _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (UnknownJob, 404),
@@ -60,6 +70,21 @@ _JOB_ERROR_STATUS: list[tuple[type[JobError], int]] = [
     (ShaLookupFailed, 502),
     (StorageUnavailable, 503),
 ]
+
+
+def _query_text(request: IRequest) -> dict[str, list[str]]:
+    """The query string as text, each name with every value it was given."""
+    args: dict[str, list[str]] = {}
+    for raw_name, raw_values in (request.args or {}).items():
+        try:
+            name = raw_name.decode("utf-8")
+            args[name] = [value.decode("utf-8") for value in raw_values]
+        except UnicodeDecodeError:
+            shown = raw_name.decode("utf-8", "replace")[:40]
+            raise ApiError(
+                400, "invalid_request", f"query parameter {shown!r} is not UTF-8", field=shown
+            ) from None
+    return args
 
 
 def _format_uptime(seconds: float) -> str:
@@ -86,9 +111,17 @@ class SnaAPI:
         metrics: Metrics,
         vsphere: IVSphere,
         on_credentials: Callable[[Credentials], None] = lambda credentials: None,
+        pins: Optional[VCenterPins] = None,
+        certificates: Optional[CertificateProbe] = None,
+        relay_history: Optional[RelayHistory] = None,
+        job_logs: Optional[JobLogs] = None,
     ) -> None:
         self._manager = manager
         self._vsphere = vsphere
+        #: Stored vCenter pins and the certificate fetcher (``/api/v1/vcenter/...``);
+        #: without a probe, the certificate route answers 503.
+        self._pins = pins if pins is not None else VCenterPins(None, now)
+        self._certificates = certificates
         #: Credentials a request proved good: the snapshot janitor may use them
         #: for the snapshots still pending on that vCenter (sna.jobs.janitor).
         self._on_credentials = on_credentials
@@ -96,6 +129,11 @@ class SnaAPI:
         self._now = now
         self._monotonic = monotonic
         self._started = monotonic()
+        #: The dashboard's files, and the relay history its chart draws (None: not kept).
+        self._shell = Shell()
+        self._relay_history = relay_history
+        #: Reads job logs back for GET /api/v1/jobs/{job_id}/log (None: no such route).
+        self._job_logs = job_logs
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
@@ -178,7 +216,11 @@ class SnaAPI:
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("unhandled error answering {path}", failure, path=request.path)
+        self.log.failure(
+            "unhandled error answering {path}",
+            failure,
+            path=printable(request.path.decode("utf-8", "replace")),
+        )
         body = {"error": "internal_error", "message": "internal error; see the sna log"}
         return json_response(request, body, 500)
 
@@ -202,7 +244,8 @@ class SnaAPI:
 
     def _status(self, job: Job) -> dict[str, Any]:
         hub = self._manager.hub
-        return render.status(job, hub.report(job.job_id) if hub is not None else None)
+        sha = hub.report(job.job_id) if hub is not None else None
+        return render.status(job, sha, self._now())
 
     @app.route("/api/v1/status/<job_id>", methods=["GET"])
     def status(self, request: IRequest, job_id: str) -> bytes:
@@ -210,19 +253,27 @@ class SnaAPI:
 
     @app.route("/api/v1/jobs", methods=["GET"])
     def jobs(self, request: IRequest) -> bytes:
-        wanted = request.args.get(b"status", [])
-        statuses = set()
-        for value in wanted:
-            try:
-                statuses.add(JobStatus(value.decode("utf-8", "replace")))
-            except ValueError:
-                known = ", ".join(s.value for s in JobStatus)
-                raise ApiError(
-                    400, "invalid_request", f"status must be one of: {known}", field="status"
-                ) from None
-        jobs = [j for j in self._manager.jobs() if not statuses or j.status in statuses]
-        jobs.sort(key=lambda j: j.started_at, reverse=True)
-        return json_response(request, {"jobs": [self._status(j) for j in jobs], "count": len(jobs)})
+        try:
+            query = history.parse_query(_query_text(request))
+        except history.InvalidQuery as e:
+            raise ApiError(400, "invalid_request", e.message, field=e.field) from None
+        page = history.select(self._manager.jobs(), query)
+        body = {
+            "jobs": [self._status(j) for j in page.jobs],
+            "count": len(page.jobs),
+            "total": page.total,
+            "limit": page.limit,
+            "offset": page.offset,
+            "next_offset": page.next_offset,
+        }
+        return json_response(request, body)
+
+    @app.route("/api/v1/jobs/<job_id>/log", methods=["GET"])
+    async def job_log(self, request: IRequest, job_id: str) -> bytes:
+        if self._job_logs is None:
+            path = request.path.decode("latin-1")
+            raise ApiError(404, "not_found", f"no route {path}")
+        return await self._job_logs.answer(request, job_id, _query_text(request))
 
     @app.route("/api/v1/jobs/<job_id>/status", methods=["GET"])
     def sha_job_status(self, request: IRequest, job_id: str) -> bytes:
@@ -388,3 +439,170 @@ class SnaAPI:
             "config": settings.to_json(),
         }
         return json_response(request, answer)
+
+    # -- vCenter certificates and stored pins (sna-ctl vcenter) --------------
+
+    @staticmethod
+    def _vcenter_named(text: str, field: str) -> tuple[str, int]:
+        """A vCenter as ``host``, ``host:port`` or ``[v6]:port``: (lower-case host, port)."""
+        if "\0" in text or len(text) > 1024:
+            raise ApiError(400, "invalid_request", f"{field} is not a vCenter address", field=field)
+        check_text(field, text)
+        try:
+            return parse_vcenter(text, field)
+        except InvalidAddress as e:
+            raise ApiError(400, "invalid_request", str(e), field=field) from None
+
+    @staticmethod
+    def _query(request: IRequest, name: str) -> Optional[str]:
+        """The first ``name`` of the query string, as text; ``None`` when absent."""
+        values = request.args.get(name.encode(), [])
+        return values[0].decode("utf-8", "replace") if values else None
+
+    @staticmethod
+    def _pin_not_found(host: str, port: int) -> ApiError:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return ApiError(404, "pin_not_found", f"no certificate pin is stored for vCenter {where}")
+
+    @app.route("/api/v1/vcenter/certificate", methods=["GET"])
+    async def vcenter_certificate(self, request: IRequest) -> bytes:
+        host_text = self._query(request, "host")
+        if host_text is None or not host_text.strip():
+            raise ApiError(
+                400,
+                "invalid_request",
+                "host is required (a vCenter: host or host:port)",
+                field="host",
+            )
+        host, port = self._vcenter_named(host_text, "host")
+        port_text = self._query(request, "port")
+        if port_text is not None:
+            if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+                raise ApiError(
+                    400, "invalid_request", "port must be a number from 1 to 65535", field="port"
+                )
+            stripped = host_text.strip()
+            try:
+                named = urllib.parse.urlsplit(
+                    stripped if "://" in stripped else "//" + stripped
+                ).port
+            except ValueError:  # parse_vcenter accepted it: never here
+                named = None
+            if named is not None and named != int(port_text):
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"port {int(port_text)} differs from the port in host ({named})",
+                    field="port",
+                )
+            port = int(port_text)
+        if self._certificates is None:
+            raise ApiError(503, "unavailable", "this daemon cannot fetch certificates")
+        presented = await self._certificates.fetch(host, port)
+        answer = presented_json(presented, self._pins.lookup(host, port), self._now())
+        return json_response(request, answer)
+
+    @app.route("/api/v1/vcenter/pins", methods=["GET"])
+    def vcenter_pins(self, request: IRequest) -> bytes:
+        pins = [pin.to_json() for pin in self._pins.all()]
+        return json_response(request, {"pins": pins, "count": len(pins)})
+
+    @app.route("/api/v1/vcenter/pins/<vcenter>", methods=["GET"])
+    def vcenter_pin(self, request: IRequest, vcenter: str) -> bytes:
+        host, port = self._vcenter_named(vcenter, "vcenter")
+        pin = self._pins.lookup(host, port)
+        if pin is None:
+            raise self._pin_not_found(host, port)
+        return json_response(request, pin.to_json())
+
+    @app.route("/api/v1/vcenter/pins/<vcenter>", methods=["PUT"])
+    def vcenter_pin_store(self, request: IRequest, vcenter: str) -> bytes:
+        host, port = self._vcenter_named(vcenter, "vcenter")
+        body = read_json_object(request)
+        value = body.get("thumbprint")
+        if value is None or value == "":
+            raise ApiError(400, "invalid_request", "thumbprint is required", field="thumbprint")
+        if not isinstance(value, str):
+            raise ApiError(
+                400, "invalid_request", "thumbprint must be a string", field="thumbprint"
+            )
+        try:
+            pin, replaced = self._pins.pin(host, port, value)
+        except InvalidThumbprint:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "thumbprint must be a SHA-256 or SHA-1 hex digest "
+                "(64 or 40 hex digits, colons optional)",
+                field="thumbprint",
+            ) from None
+        answer = {**pin.to_json(), "replaced": replaced.thumbprint if replaced else None}
+        return json_response(request, answer)
+
+    @app.route("/api/v1/vcenter/pins/<vcenter>", methods=["DELETE"])
+    def vcenter_pin_forget(self, request: IRequest, vcenter: str) -> bytes:
+        host, port = self._vcenter_named(vcenter, "vcenter")
+        pin = self._pins.forget(host, port)
+        if pin is None:
+            raise self._pin_not_found(host, port)
+        return json_response(request, {**pin.to_json(), "status": "removed"})
+
+    # -- the OpenAPI document ---------------------------------------------
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi_document(self, request: IRequest) -> bytes:
+        return json_response(request, openapi.document())
+
+    # -- the dashboard (sna/web) and the relay history its chart draws -----
+
+    @app.route("/", methods=["GET"])
+    def dashboard(self, request: IRequest) -> bytes:
+        return self._shell_file(request, INDEX)
+
+    @app.route("/ui/<path:file>", methods=["GET"])
+    def dashboard_file(self, request: IRequest, file: str) -> bytes:
+        return self._shell_file(request, file)
+
+    def _shell_file(self, request: IRequest, name: str) -> bytes:
+        # A name of the shipped set, never a path: nothing else can be reached.
+        asset = self._shell.asset(name)
+        if asset is None:
+            path = request.path.decode("latin-1")
+            raise ApiError(404, "not_found", f"no route {path}")
+        return self._shell.render(request, asset)
+
+    @app.route("/api/v1/relays/history", methods=["GET"])
+    def relay_history(self, request: IRequest) -> bytes:
+        history = self._relay_history
+        if history is None:
+            path = request.path.decode("latin-1")
+            raise ApiError(404, "not_found", f"no route {path}")
+        ports = [
+            {
+                "nbd_port": port.port,
+                "job_id": port.job_id,
+                "export": port.export,
+                "disk_key": port.disk_key,
+                "active": port.active,
+                "samples": [
+                    {
+                        "time": render.timestamp(sample.time),
+                        "seconds": round(sample.seconds, 3),
+                        "bytes_to_hub": sample.bytes_to_hub,
+                        "bytes_from_hub": sample.bytes_from_hub,
+                        "throughput_bps": round(sample.throughput_bps, 1),
+                        "job_id": sample.job_id,
+                    }
+                    for sample in port.samples
+                ],
+            }
+            for port in history.ports()
+        ]
+        body = {
+            "interval_seconds": history.interval,
+            "window_seconds": history.window,
+            "sampled_at": render.timestamp(history.sampled_at),
+            "ports": ports,
+            "count": len(ports),
+        }
+        return json_response(request, body)

@@ -684,6 +684,9 @@ class ApiSite(Site):
 
     protocol = ApiChannel  # type: ignore[assignment]
     displayTracebacks = False
+    # Factory.doStart and doStop log "Starting factory <ApiSite object at 0x...>";
+    # the port's own "ApiSite starting on 8081" line says it already.
+    noisy = False
 
     def __init__(
         self,

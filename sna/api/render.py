@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Optional
 
-from sna.jobs.model import DiskState, Job, JobStatus, SnapshotState, Stall
+from sna.jobs.model import DiskState, Job, JobStatus, SnapshotState, Stall, utcnow
 from sna.nbd.relay import RelayStats
 
 MIB = 1024 * 1024
@@ -101,8 +101,20 @@ def snapshot(state: Optional[SnapshotState]) -> Optional[dict[str, Any]]:
     }
 
 
-def status(job: Job, sha: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """A job for operators and the SHA; ``sha`` is how its reports to the SHA stand."""
+def _rounded(value: Optional[float], digits: int = 1) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def _whole(value: Optional[float]) -> Optional[int]:
+    return None if value is None else round(value)
+
+
+def status(
+    job: Job, sha: Optional[dict[str, Any]] = None, now: Optional[datetime] = None
+) -> dict[str, Any]:
+    """A job for operators and the SHA at ``now``; ``sha`` is how its reports to the
+    SHA stand."""
+    now = utcnow() if now is None else now
     return {
         "job_id": job.job_id,
         "status": job.status.value,
@@ -121,7 +133,10 @@ def status(job: Job, sha: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         "error": job.error,
         "bytes_done": job.bytes_done,
         "bytes_total": job.bytes_total,
-        "throughput_bps": job.throughput_bps,
+        "throughput_bps": _rounded(job.rate_bps(now)),
+        "eta_seconds": _whole(job.eta_seconds(now)),
+        "duration_seconds": round(job.duration_seconds(now), 3),
+        "average_rate_bps": _rounded(job.average_rate_bps(now)),
         "relay_bytes_to_hub": sum(d.bytes_to_hub for d in job.disks),
         "relay_bytes_from_hub": sum(d.bytes_from_hub for d in job.disks),
         "disks": [disk(d) for d in job.disks],
@@ -144,6 +159,15 @@ def sha_job_status(job: Job) -> dict[str, Any]:
         "exit_code": job.exit_code,
         "error": job.error,
     }
+
+
+def _disk_percent(d: DiskState) -> float:
+    """A disk's share copied; 100 once it is done, even with nothing to copy."""
+    if d.status == "completed":
+        return 100.0
+    if d.bytes_total:
+        return round(100.0 * min(d.bytes_done, d.bytes_total) / d.bytes_total, 2)
+    return 0.0
 
 
 # Our phases named as the SHA's MapVMAPhaseToStatus expects them.
@@ -174,14 +198,10 @@ def progress(job: Job, now: datetime) -> dict[str, Any]:
         state = "completed" if job.status is JobStatus.COMPLETED else "failed"
         phase = _PHASES.get(job.status.value, job.status.value)
         percent = job.progress_percent
-    if not job.status.active:
-        throughput = 0.0
-    else:
-        throughput = job.throughput_bps or 0.0
+    # Measured over the same window as /status's (Job.rate_bps); 0 when unknown or ended.
+    throughput = job.rate_bps(now) or 0.0
     average = done / elapsed if elapsed > 0 else 0.0
-    eta = 0
-    if job.status.active and throughput > 0 and total > done:
-        eta = min(int((total - done) / throughput), 86400)
+    eta = _whole(job.eta_seconds(now)) or 0
     sync_types = {d.sync_type for d in job.disks if d.sync_type}
     if push is not None and push.sync_type:
         sync_type = push.sync_type
@@ -247,7 +267,7 @@ def progress(job: Job, now: datetime) -> dict[str, Any]:
                 "label": f"Disk {d.vmware_disk_key or d.disk_key}",
                 "bytes_transferred": d.bytes_done,
                 "total_bytes": d.bytes_total or 0,
-                "percent": round(100.0 * d.bytes_done / d.bytes_total, 2) if d.bytes_total else 0.0,
+                "percent": _disk_percent(d),
                 "throughput_mbps": throughput / MIB if d.status == "running" else 0.0,
                 "status": d.status,
             }

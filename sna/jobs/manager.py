@@ -26,6 +26,7 @@ stopped), moved through its :class:`Stage` by one method per step.
 from __future__ import annotations
 
 import enum
+import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -51,14 +52,18 @@ from sna.jobs.model import (
     SnapshotState,
 )
 from sna.jobs.store import IJobStore, IStorageCheck, StoreError
+from sna.logging import printable
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
 from sna.nbd.relay import RelayStats
 from sna.sbc import events
-from sna.sbc.launcher import ClientProcess, IProcessLauncher, JobLogUnwritable
+from sna.sbc.command import ClientCommand
+from sna.sbc.joblog import JobLog
+from sna.sbc.launcher import ClientProcess, IProcessLauncher, JobLogUnwritable, ProcessLauncher
 from sna.sbc.protocol import IClientObserver
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message
+from sna.vmware.pins import VCenterPins
 
 #: Progress is written to the database at most this often per job.
 SAVE_INTERVAL = 1.0
@@ -322,9 +327,12 @@ class JobManager:
         janitor: Optional[SnapshotJanitor] = None,
         hub: Optional[IHub] = None,
         leftovers: Optional[ILeftoverClients] = None,
+        on_job_ended: Callable[[Job], None] = lambda job: None,
     ) -> None:
         #: The SHA, when sna reports to one (``--sha-url``).
         self.hub = hub
+        #: Told of every job that ends in this run, once (the metrics count them).
+        self._on_job_ended = on_job_ended
         #: Removes the snapshots that ended jobs left on their VMs (sna.jobs.janitor).
         self._janitor = janitor
         self._store = store
@@ -368,6 +376,7 @@ class JobManager:
                 saved = self._save_now(managed, self._ended_messages(job))
                 if not saved and self.hub is not None:
                     managed.hub_gate = succeed(None)
+                self._job_ended(job)
                 self.log.warn("job {job_id} was running when sna stopped", job_id=job.job_id)
                 if job.pid:
                     leftovers.append(self._stop_leftover(managed))
@@ -384,7 +393,9 @@ class JobManager:
             except ConfigError as e:
                 self.log.error("ignoring stored setting {key}: {reason}", key=key, reason=e.message)
             else:
-                self.log.info("stored setting {key} = {value}", key=key, value=value)
+                self.log.info(
+                    "stored setting {key} = {text}", key=key, value=value, text=json.dumps(value)
+                )
 
     def _stop_leftover(self, managed: ManagedJob) -> Deferred[bool]:
         # Its ports stay taken until it is gone: a new job must not share a hub
@@ -668,11 +679,12 @@ class JobManager:
                 continue
             self.log.info(
                 "job {job_id}: the SHA's last change ID of disk {index} (target {key}) is "
-                "{change_id}; {use}",
+                "'{shown}'; {use}",
                 job_id=request.job_id,
                 index=index,
                 key=key,
-                change_id=repr(answer.change_id or ""),
+                change_id=answer.change_id or "",
+                shown=printable(answer.change_id or ""),
                 use="the incremental starts from it"
                 if used and answer.change_id
                 else ("none: a full copy" if used else "not used"),
@@ -788,7 +800,11 @@ class JobManager:
         except StoreError as e:
             raise StorageUnavailable(f"{e.message}; the settings are unchanged") from e
         self.settings = new
-        self.log.info("settings changed: {changes}", changes=dict(changes))
+        self.log.info(
+            "settings changed: {text}",
+            changes=dict(changes),
+            text=", ".join(f"{key} = {json.dumps(value)}" for key, value in changes.items()),
+        )
         return new
 
     # -- from the client ------------------------------------------------
@@ -814,9 +830,12 @@ class JobManager:
         if isinstance(event, events.DiskDone):
             disk = next((d for d in new.disks if d.disk_key == event.disk_key), None)
             self.log.info(
-                "job {job_id}: disk {disk_index} (target {disk_key}, VMware disk {vmware_key}) "
-                "done, change ID {change_id}",
+                "job {job_id}: {disk} done, change ID {change_id}",
                 job_id=managed.job_id,
+                disk=f"disk {disk.disk_index} (target {event.disk_key}"
+                + (f", VMware disk {disk.vmware_disk_key})" if disk.vmware_disk_key else ")")
+                if disk
+                else f"target {event.disk_key}",
                 disk_index=disk.disk_index if disk else None,
                 disk_key=event.disk_key,
                 vmware_key=disk.vmware_disk_key if disk else None,
@@ -841,6 +860,7 @@ class JobManager:
         # The SHA's messages are stored with the ended record, in one transaction; if
         # the store refuses, both are kept and go with the next write that it takes.
         self._save_now(managed, self._ended_messages(job))
+        self._job_ended(job)
         closing = self._gateway.close_relays(managed.job_id).addCallback(
             self._final_counts, managed
         )
@@ -857,11 +877,16 @@ class JobManager:
             waits.append(self._janitor.job_ended(job, request))
         managed.wait_for(waits, self._live.remove)
         self.log.info(
-            "job {job_id} {status}: exit code {exit_code}, error {error}",
+            "job {job_id} {status}: {how}{error_text}",
             job_id=managed.job_id,
             status=job.status.value,
             exit_code=exit_code,
+            exit_signal=exit_signal,
             error=job.error,
+            how=f"exit code {exit_code}"
+            if exit_code is not None
+            else (f"killed by signal {exit_signal}" if exit_signal else "no exit code"),
+            error_text=f", error: {job.error}" if job.error else "",
         )
 
     def _final_counts(self, stats: list[RelayStats], managed: ManagedJob) -> None:
@@ -964,5 +989,75 @@ class JobManager:
         gate, managed.hub_gate = managed.hub_gate, None
         self.hub.job_ended(managed.job_id, gate)
 
+    def _job_ended(self, job: Job) -> None:
+        """Tell ``on_job_ended``; what it raises is logged, never the job's end's business."""
+        try:
+            self._on_job_ended(job)
+        except Exception:
+            self.log.failure("job {job_id}: telling that it ended", job_id=job.job_id)
+
     def _ended_messages(self, job: Job) -> list[Message]:
         return self.hub.ended_messages(job) if self.hub is not None else []
+
+
+# -- stored vCenter pins in the launch path ---------------------------------------------
+
+
+@implementer(IProcessLauncher)
+class PinnedLauncher:
+    """``launcher``, with the stored pin of the job's vCenter as the client's thumbprint.
+
+    A backup request without ``vcenter_thumbprint`` (the SHA never sends one)
+    whose vCenter has a pin (:mod:`sna.vmware.pins`) is launched as if it had
+    sent that pin; the job log says so, after the client's ``starting`` line.
+    A thumbprint in the request wins.  The legacy client takes no thumbprint:
+    it gets none.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, launcher: ProcessLauncher, pins: VCenterPins, now: Callable[[], datetime]
+    ) -> None:
+        self.launcher = launcher
+        self._pins = pins
+        self._now = now
+
+    @property
+    def command(self) -> ClientCommand:
+        """The client's command, as the launcher it wraps has it."""
+        return self.launcher.command
+
+    def check(self) -> None:
+        self.launcher.check()
+
+    def storage_problem(self) -> Optional[str]:
+        return self.launcher.storage_problem()
+
+    def launch(self, request: BackupRequest, observer: IClientObserver) -> ClientProcess:
+        pin = None
+        if request.vcenter_thumbprint is None and not self.launcher.command.legacy:
+            pin = self._pins.for_address(request.vcenter_host)
+        if pin is None:
+            return self.launcher.launch(request, observer)
+        process = self.launcher.launch(
+            attrs.evolve(request, vcenter_thumbprint=pin.thumbprint), observer
+        )
+        note = (
+            f"vCenter {pin.vcenter}: the request pins no certificate; the stored pin "
+            f"{pin.thumbprint} (sna-ctl vcenter trust, {pin.to_json()['created_at']}) is used"
+        )
+        self.log.info("job {job_id}: {note}", job_id=request.job_id, note=note)
+        try:
+            job_log = JobLog(self.launcher.log_path(request.job_id), self._now)
+        except OSError as e:
+            # The client runs: a note it cannot get never undoes the job.
+            self.log.warn(
+                "job {job_id}: cannot note the pin in its log: {reason}",
+                job_id=request.job_id,
+                reason=e.strerror or e,
+            )
+            return process
+        job_log.write("sna", note)
+        job_log.close()
+        return process

@@ -1,4 +1,5 @@
-"""SQLite persistence of job records, run-time settings and the SHA's messages.
+"""SQLite persistence of job records, run-time settings and the SHA's messages
+(and the vCenter certificate pins operators store with ``sna-ctl vcenter trust``).
 
 One small database under the state directory.  Writes are a few rows each
 and go to a local disk, so they run on the reactor thread, in WAL mode with
@@ -29,14 +30,14 @@ from typing import Any, Optional
 
 import attrs
 from twisted.python.filepath import FilePath
-from zope.interface import Interface, implementer
+from zope.interface import Interface, classImplements, implementer
 
 from sna.contract.disks import disk_indexes
 from sna.jobs.model import Job, JobStatus
 from sna.sbc.joblog import probe
 from sna.sha.messages import Message
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,6 +67,15 @@ CREATE TABLE IF NOT EXISTS sha_messages (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sha_messages_by_job ON sha_messages (job_id, seq);
+-- Version 4: the vCenter certificates operators pinned (sna-ctl vcenter trust), by
+-- vCenter host (lower case, IPv6 without brackets) and port.
+CREATE TABLE IF NOT EXISTS vcenter_pins (
+    host       TEXT NOT NULL,
+    port       INTEGER NOT NULL,
+    thumbprint TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (host, port)
+);
 """
 
 #: The state of a message still to be sent; the others are final.
@@ -149,6 +159,29 @@ class IStorageCheck(Interface):
 
     def storage_problem() -> Optional[str]:
         """Why a write would fail now (the directory is full or read-only), or ``None``."""
+
+
+@attrs.frozen
+class PinRow:
+    """One stored vCenter pin: the thumbprint is normalised, ``created_at`` RFC 3339."""
+
+    host: str
+    port: int
+    thumbprint: str
+    created_at: str
+
+
+class IPinStore(Interface):
+    """Where the vCenter certificate pins are kept between runs (:mod:`sna.vmware.pins`)."""
+
+    def load_pins() -> list[PinRow]:
+        """Every stored pin."""
+
+    def save_pin(pin: PinRow) -> None:
+        """Insert or replace the pin of ``pin.host`` and ``pin.port``."""
+
+    def delete_pin(host: str, port: int) -> None:
+        """Forget the pin of this vCenter, if there is one."""
 
 
 #: SQLite's result code for "database or disk is full".
@@ -326,6 +359,32 @@ class SQLiteJobStore:
         if db is not None:
             with self._failing("close the job database"):
                 db.close()
+
+    # -- vCenter pins (IPinStore) ------------------------------------------
+
+    def load_pins(self) -> list[PinRow]:
+        with self._failing("read the job database"):
+            rows = self._conn().execute(
+                "SELECT host, port, thumbprint, created_at FROM vcenter_pins ORDER BY host, port"
+            )
+            return [PinRow(*row) for row in rows]
+
+    def save_pin(self, pin: PinRow) -> None:
+        with self._failing("write the job database"):
+            self._conn().execute(
+                "INSERT OR REPLACE INTO vcenter_pins (host, port, thumbprint, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (pin.host, pin.port, pin.thumbprint, pin.created_at),
+            )
+
+    def delete_pin(self, host: str, port: int) -> None:
+        with self._failing("write the job database"):
+            self._conn().execute(
+                "DELETE FROM vcenter_pins WHERE host = ? AND port = ?", (host, port)
+            )
+
+
+classImplements(SQLiteJobStore, IPinStore)
 
 
 def _now() -> str:

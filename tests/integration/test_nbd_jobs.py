@@ -219,7 +219,7 @@ def refused_start(
     assert refused["error"] == "nbd_target_unreachable", refused
     assert refused["message"]
     job_id = body["job_id"]
-    assert daemon.api.jobs() == {"jobs": [], "count": 0}
+    assert daemon.api.jobs()["jobs"] == []
     assert daemon.api.get(f"/api/v1/status/{job_id}").status == 404
     assert daemon.job_logs() == set()
     assert doubles_of(job_ids.made) == []
@@ -545,7 +545,7 @@ def test_relay_is_listed_while_the_job_writes(
     assert relay["upstream_error"] is None
     port = str(server.port)
     assert metric(daemon, "sna_relay_bytes_total", port=port, direction="to_hub") > 0
-    assert metric(daemon, "sna_relay_connections", port=port, job_id=job_id) >= 1
+    assert metric(daemon, "sna_relay_connections", port=port) >= 1
     assert metric(daemon, "sna_jobs", status="running") == 1
 
     final = daemon.api.wait_status(job_id, *FINAL)

@@ -357,7 +357,7 @@ def test_too_many_jobs(daemon_factory: DaemonFactory, job_ids: JobIds) -> None:
 
 
 def test_unknown_route_and_wrong_method(sna: Daemon) -> None:
-    for path in ("/api/v1/nope", "/", "/api/v2/health", "/api/v1/status/"):
+    for path in ("/api/v1/nope", "/ui/nope", "/api/v2/health", "/api/v1/status/"):
         answer = sna.api.get(path)
         check_error(answer, 404, None)
     wrong = [

@@ -408,21 +408,29 @@ def test_progress_push_from_the_go_client(harness: Harness) -> None:
     }
     code, body = harness.request("POST", f"/api/v1/progress/{job}/update", push)
     assert (code, body) == (200, {"job_id": job, "status": "success"})
+    total = 109521666048
     push = {
         "stage": "Transfer",
         "status": "in_progress",
         "bytes_transferred": 3221225472,
-        "total_bytes": 109521666048,
+        "total_bytes": total,
         "throughput_bps": 104857600,
     }
+    harness.request("POST", f"/api/v1/progress/{job}/update", push)
+    # The rate is sna's own, over its window: 1000 MiB in the next 10 s.
+    harness.now.advance(10)
+    push = {**push, "bytes_transferred": 3221225472 + 1000 * 1048576, "throughput_bps": 1}
     harness.request("POST", f"/api/v1/progress/{job}/update", push)
     body = harness.request("GET", f"/api/v1/progress/{job}")[1]
     assert body["status"] == "in_progress"
     assert body["phase"] == "Transfer"
+    assert body["current_operation"] == "Transferring Data"
     assert body["sync_type"] == "full"
-    assert body["bytes_transferred"] == 3221225472
+    assert body["bytes_transferred"] == 4269801472
     assert body["throughput"]["current_mbps"] == 100
-    assert body["timing"]["eta_seconds"] == 1013
+    # No line named a disk: the push's bytes are a share of the first of two disks.
+    assert body["percentage"] == round(100 * 4269801472 / total / 2, 2)
+    assert body["timing"]["eta_seconds"] == round((2 * total - 4269801472) / 104857600)
     assert set(body) >= {
         "percentage",
         "current_operation",

@@ -745,8 +745,9 @@ def test_real_vcenter_names_still_pass(harness: Harness, name: str) -> None:
 
 
 def test_a_password_may_hold_anything_but_nul(harness: Harness) -> None:
-    """It is never shown anywhere (masked), so no character of it is refused but NUL."""
-    body = backup_body(vcenter_password="p\tw\x1b\u00e4\n")
+    """It is never shown anywhere (masked), so no character of it is refused but NUL
+    and those vCenter cannot be sent (tests/unit/test_openapi_findings.py)."""
+    body = backup_body(vcenter_password="p\tw\x7f\u00e4\n\x85")
     assert harness.request("POST", "/api/v1/backup/start", body)[0] == 200
 
 
