@@ -12,6 +12,9 @@ APT_PACKAGES := sqlite3 qemu-utils libnbd-bin nbdkit socat golang-go golang-gith
 APT_PACKAGES += chromium
 # systemd-analyze, systemd-sysusers and systemd-tmpfiles check deploy/ (tests/integration/test_deploy.py).
 APT_PACKAGES += systemd
+# The SSH tunnel's tests (tests/integration/test_tunnel.py): the hub's sshd, the node's ssh,
+# and ip to bring up loopback in the hub's network namespace.
+APT_PACKAGES += openssh-server openssh-client iproute2
 # Debian splits venv support out of python3; needed only when ensurepip is missing.
 VENV_APT_PACKAGES := python3-venv
 

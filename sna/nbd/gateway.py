@@ -10,15 +10,16 @@ jobs: failures go back to the caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
+import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, ensureDeferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from sna.nbd.probe import NbdAddress, ProbeResult, probe_all
+from sna.nbd.probe import NbdAddress, ProbeFailed, ProbeResult, probe_all
 from sna.nbd.relay import Relay, RelayRegistry, RelayStats
 
 #: How long a target may take to complete the handshake before it is "timeout".
@@ -55,9 +56,16 @@ class ITargetGateway(Interface):
 class NbdGateway:
     log = Logger()
 
-    def __init__(self, reactor: IReactorTCP, registry: RelayRegistry) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        registry: RelayRegistry,
+        tunnel_down: Callable[[str, int], Optional[str]] = lambda host, port: None,
+    ) -> None:
         self._reactor = reactor
         self.registry = registry
+        #: Why the tunnel to the hub cannot carry ``host:port`` now (sna.tunnel), or None.
+        self._tunnel_down = tunnel_down
 
     def probe(
         self, targets: Sequence[NbdAddress], timeout: float
@@ -71,7 +79,23 @@ class NbdGateway:
             sub: Failure = first.subFailure
             return sub
 
-        return probe_all(self._reactor, targets, timeout).addErrback(unwrap)
+        return (
+            probe_all(self._reactor, targets, timeout)
+            .addCallback(self._blame_tunnel)
+            .addErrback(unwrap)
+        )
+
+    def _blame_tunnel(self, results: list[ProbeResult[Any]]) -> list[ProbeResult[Any]]:
+        """A failed target's message says so when the tunnel that carries its port is down."""
+        blamed = []
+        for result in results:
+            error, target = result.error, result.target
+            why = None if error is None else self._tunnel_down(target.host, target.port)
+            if error is not None and why is not None:
+                message = f"the tunnel to the hub is down ({why}); {error.message}"
+                result = attrs.evolve(result, error=ProbeFailed(error.reason, message))
+            blamed.append(result)
+        return blamed
 
     def open_relays(
         self, job_id: str, targets: Sequence[NbdAddress], on_lost: Callable[[str, str], None]

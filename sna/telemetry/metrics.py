@@ -30,6 +30,8 @@ from prometheus_client.registry import Collector
 from sna import __version__
 from sna.jobs.model import Job, JobStatus
 from sna.nbd.relay import RelayRegistry
+from sna.tunnel.supervisor import STATES as TUNNEL_STATES
+from sna.tunnel.supervisor import TunnelState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -164,6 +166,36 @@ class _LiveCollector(Collector):
         yield info
 
 
+class _TunnelCollector(Collector):
+    """The SSH tunnel to the hub (sna.tunnel), once one is configured."""
+
+    def __init__(self, tunnel: Callable[[], TunnelState]) -> None:
+        self._tunnel = tunnel
+
+    def collect(self) -> Iterator[Metric]:
+        current = self._tunnel()
+        if not current.configured:
+            return
+        up = GaugeMetricFamily(
+            "sna_tunnel_up",
+            "1 when the SSH tunnel to the hub has every forward and the hub answers through it.",
+        )
+        up.add_metric([], 1 if current.up else 0)
+        yield up
+        reconnects = CounterMetricFamily(
+            "sna_tunnel_reconnects",
+            "Times the tunnel's ssh was started again after a failure or a failed health check.",
+        )
+        reconnects.add_metric([], current.reconnects)
+        yield reconnects
+        states = GaugeMetricFamily(
+            "sna_tunnel_state", "The tunnel's state: 1 for the current one.", labels=["state"]
+        )
+        for state in TUNNEL_STATES:
+            states.add_metric([state], 1 if state == current.state else 0)
+        yield states
+
+
 class Metrics:
     """The daemon's registry, and the counters other parts increment."""
 
@@ -175,8 +207,11 @@ class Metrics:
         sha_messages: Optional[Callable[[], dict[str, int]]] = None,
         jobs: Optional[Callable[[], Iterable[Job]]] = None,
         process: bool = True,
+        tunnel: Optional[Callable[[], TunnelState]] = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        if tunnel is not None:
+            self.registry.register(_TunnelCollector(tunnel))
         #: The job records, for each VM's last success at a scrape (kept since in
         #: ``_last_success``, so a record forgotten meanwhile does not take it back).
         self._jobs = jobs
@@ -228,7 +263,8 @@ class Metrics:
 
         self.sha_requests = Counter(
             "sna_sha_requests",
-            "Requests to the SHA, by route (changeid, complete, telemetry) and outcome "
+            "Requests to the SHA, by route (changeid, complete, telemetry, replication_changeid, "
+            "replication_end) and outcome "
             "(delivered, refused, unknown_job, retry, unreachable).",
             labelnames=["route", "outcome"],
             registry=self.registry,
