@@ -24,6 +24,10 @@ setup(
         "pyvmomi>=8.0",
         # Reading vCenter certificates for sna-ctl vcenter trust (sna/vmware/pins.py).
         "cryptography>=42",
+        # The hub's enrollment URL over HTTPS, pinned or checked against a CA file
+        # (sna/enrollment/hub.py): Twisted's TLS and its host-name check.
+        "pyopenssl>=24.0",
+        "service-identity>=24.1",
     ],
     entry_points={
         "console_scripts": [
