@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from sna.config import ConfigError, Settings
 from sna.contract.secrets import Masker
+from sna.jobs import replication
 from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import ILeftoverClients, LeftoverClients
 from sna.jobs.model import (
@@ -51,7 +52,7 @@ from sna.jobs.model import (
     PushedProgress,
     SnapshotState,
 )
-from sna.jobs.store import IJobStore, IStorageCheck, StoreError
+from sna.jobs.store import ChainRow, IChainStore, IJobStore, IStorageCheck, StoreError
 from sna.logging import printable
 from sna.nbd.gateway import ITargetGateway
 from sna.nbd.probe import ProbeResult
@@ -61,6 +62,7 @@ from sna.sbc.command import ClientCommand
 from sna.sbc.joblog import JobLog
 from sna.sbc.launcher import ClientProcess, IProcessLauncher, JobLogUnwritable, ProcessLauncher
 from sna.sbc.protocol import IClientObserver
+from sna.sha import messages
 from sna.sha.hub import IHub, Lookup
 from sna.sha.messages import Message
 from sna.vmware.pins import VCenterPins
@@ -364,9 +366,12 @@ class JobManager:
         """
         self._apply_stored_settings()
         leftovers = []
-        for job in self._store.load_all():
-            managed = ManagedJob.stored(job)
-            self._jobs[job.job_id] = managed
+        stored = self._store.load_all()
+        # All are known first: a replication's end goes once none of its jobs runs.
+        for job in stored:
+            self._jobs[job.job_id] = ManagedJob.stored(job)
+        for job in stored:
+            managed = self._jobs[job.job_id]
             if job.status.active:
                 job = managed.job = job.interrupted(
                     self._now(), "sna stopped while the job was running"
@@ -512,6 +517,22 @@ class JobManager:
             {s.disk_key: (s.bytes_to_hub, s.bytes_from_hub) for s in stats}
         )
 
+    def replication_jobs(self, replication_id: str) -> list[Job]:
+        """The jobs of one replicate request (its ``job_id``), ended ones included."""
+        return [
+            self._with_relay_counts(j) for j in self._all() if j.replication_id == replication_id
+        ]
+
+    def replication_chain(self, vcenter_key: str, vm_path: str) -> list[ChainRow]:
+        """A VM's replication chain, newest first (:class:`StorageUnavailable` if unreadable)."""
+        chain = IChainStore(self._store, None)
+        if chain is None:
+            return []
+        try:
+            return chain.chain_rows(vcenter_key, vm_path)
+        except StoreError as e:
+            raise StorageUnavailable(f"{e.message}; nothing was started") from e
+
     def relays(self) -> list[RelayStats]:
         return self._gateway.all_stats()
 
@@ -599,10 +620,58 @@ class JobManager:
             if m.stage is Stage.STARTING and m.request is not None
         }
 
+    async def start_all(self, requests: Sequence[BackupRequest]) -> list[Job]:
+        """Start several jobs as one request (a replication of several VMs).
+
+        Every request is admitted and every target probed before any client
+        starts: one refusal (a conflict, capacity, an unreachable target, which
+        are all named) refuses them all and leaves nothing.  Returns the jobs,
+        ``running``, in the order of ``requests``.
+        """
+        admitted: list[ManagedJob] = []
+        try:
+            for request in requests:
+                admitted.append(self._admit(request))
+            prepared = await DeferredList(
+                [Deferred.fromCoroutine(self._prepare(request)) for request in requests],
+                consumeErrors=True,
+            )
+            ready: list[BackupRequest] = []
+            failures: list[Failure] = []
+            for _, value in prepared:
+                if isinstance(value, Failure):
+                    failures.append(value)
+                else:
+                    ready.append(value)
+            unreachable = [f.value for f in failures if isinstance(f.value, TargetUnreachable)]
+            if unreachable:
+                raise TargetUnreachable([r for error in unreachable for r in error.failures])
+            if failures:
+                failures[0].raiseException()
+            jobs: list[Job] = []
+            try:
+                for managed, request in zip(admitted, ready, strict=True):
+                    jobs.append(await self._launch(managed, request))
+            except BaseException:
+                # Rare (the launcher refused one): the ones started are stopped, not kept.
+                for job in jobs:
+                    self.cancel(job.job_id)
+                raise
+            return jobs
+        finally:
+            for managed in admitted:
+                if managed.stage is Stage.STARTING:
+                    self._live.remove(managed)
+
     async def _start(self, managed: ManagedJob, request: BackupRequest) -> Job:
+        return await self._launch(managed, await self._prepare(request))
+
+    async def _prepare(self, request: BackupRequest) -> BackupRequest:
+        """``request`` with its previous change IDs, once every target has answered."""
         # The SHA is asked while the targets are probed: neither waits for the other.
         asking: Deferred[dict[int, Lookup]] = succeed({})
-        if self.hub is not None:
+        # A replication starts from sna's own chain (sna.jobs.replication), not the SHA's.
+        if self.hub is not None and request.kind == "backup":
             asking = self.hub.previous_change_ids(
                 request.vm_name, sorted(request.disk_indexes.values())
             )
@@ -622,7 +691,10 @@ class JobManager:
             raise TargetUnreachable(failures)
         if self._stopping:
             raise ShuttingDown("sna is shutting down")
-        request = self._with_previous(request, answers)
+        return self._with_previous(request, answers)
+
+    async def _launch(self, managed: ManagedJob, request: BackupRequest) -> Job:
+        """Open ``request``'s relays and spawn its client."""
         job_id = request.job_id
         ports = await self._gateway.open_relays(
             job_id, request.targets, lambda key, reason: self._upstream_lost(managed, key, reason)
@@ -655,7 +727,8 @@ class JobManager:
         """
         explicit = dict(request.previous_change_ids)
         found = dict(explicit)
-        sources = {key: "request" for key in explicit}
+        given_sources = dict(request.previous_sources)
+        sources = {key: given_sources.get(key, "request") for key in explicit}
         incremental = request.backup_type == "incremental"
         for key, index in sorted(request.disk_indexes.items(), key=lambda item: item[1]):
             answer = answers.get(index)
@@ -697,9 +770,11 @@ class JobManager:
             previous_change_ids=tuple(sorted(found.items())),
             previous_sources=tuple(sorted(sources.items())),
         )
-        capacities = {}
+        capacities = dict(request.previous_capacities)
         for target in request.targets:
             previous = request.previous_change_id_of(target.disk_key)
+            if target.disk_key in capacities:
+                continue
             capacity = self._capacity_at(previous) if previous else None
             if capacity is not None:
                 capacities[target.disk_key] = capacity
@@ -857,6 +932,8 @@ class JobManager:
             self._now(), exit_code, exit_signal, last_output, shutting_down=self._stopping
         )
         request = managed.ended(job)
+        if job.kind == replication.KIND:
+            self._extend_chain(job)
         # The SHA's messages are stored with the ended record, in one transaction; if
         # the store refuses, both are kept and go with the next write that it takes.
         self._save_now(managed, self._ended_messages(job))
@@ -887,6 +964,37 @@ class JobManager:
             if exit_code is not None
             else (f"killed by signal {exit_signal}" if exit_signal else "no exit code"),
             error_text=f", error: {job.error}" if job.error else "",
+        )
+
+    def _extend_chain(self, job: Job) -> None:
+        """A completed replication's change IDs become where its disks' next run starts.
+
+        A write the store refuses costs only bytes: the next run starts from the
+        older change IDs (what changed since then includes what changed since
+        now) or, without any, copies in full.
+        """
+        chain = IChainStore(self._store, None)
+        rows = replication.chain_rows(
+            job, replication.vcenter_key(job.vcenter_host), self._now().isoformat()
+        )
+        if chain is None or not rows:
+            return
+        try:
+            chain.chain_save(rows)
+        except StoreError as e:
+            self.log.error(
+                "job {job_id}: cannot keep its change IDs for the next replication of "
+                "{vm_path} ({reason}); it starts from older ones, or copies in full",
+                job_id=job.job_id,
+                vm_path=job.vm_path,
+                reason=e.message,
+            )
+            return
+        self.log.info(
+            "job {job_id}: the next replication of {vm_path} starts from {change_ids}",
+            job_id=job.job_id,
+            vm_path=job.vm_path,
+            change_ids="; ".join(f"disk {r.disk_key} ({r.target}): {r.change_id}" for r in rows),
         )
 
     def _final_counts(self, stats: list[RelayStats], managed: ManagedJob) -> None:
@@ -997,7 +1105,13 @@ class JobManager:
             self.log.failure("job {job_id}: telling that it ended", job_id=job.job_id)
 
     def _ended_messages(self, job: Job) -> list[Message]:
-        return self.hub.ended_messages(job) if self.hub is not None else []
+        if self.hub is None:
+            return []
+        if job.replication_id is not None:
+            # The request's end goes once the last of its jobs has ended.
+            group = self.replication_jobs(job.replication_id)
+            return messages.replication_messages(job, group, self._now())
+        return self.hub.ended_messages(job)
 
 
 # -- stored vCenter pins in the launch path ---------------------------------------------

@@ -60,6 +60,13 @@ class BackupRequest:
     previous_capacities: tuple[tuple[str, int], ...] = ()
     #: Per target key: where its previous change ID came from (``request``, ``sha``).
     previous_sources: tuple[tuple[str, str], ...] = ()
+    #: ``backup``, or ``replication`` (``POST /api/v1/replicate``, :mod:`sna.jobs.replication`).
+    kind: str = "backup"
+    #: A replication job's request ``job_id`` (several VMs: several jobs of one id).
+    replication_id: Optional[str] = None
+    #: Per target key: why a replication has no previous change ID for the disk
+    #: (:mod:`sna.jobs.replication`); the job shows it with the client's reason.
+    previous_notes: tuple[tuple[str, str], ...] = ()
 
     def previous_change_id_of(self, disk_key: str) -> Optional[str]:
         return dict(self.previous_change_ids).get(disk_key, self.previous_change_id)
@@ -113,6 +120,11 @@ class DiskState:
     vmware_disk_key: Optional[str] = None
     #: The disk's capacity in the snapshot, once the client has said it.
     capacity_bytes: Optional[int] = None
+    #: The target's host as the request named it (replication: part of the chain's key).
+    nbd_host: Optional[str] = None
+    #: Why a replication had no previous change ID for this disk, when sna knows more
+    #: than the client (its chain was kept for another target).
+    previous_note: Optional[str] = None
 
 
 @attrs.frozen
@@ -332,6 +344,10 @@ class Job:
     pushed_runs: int = 0
     pushed_base: int = 0
     pushed_run_bytes: int = 0
+    #: ``backup``, or ``replication`` (:mod:`sna.jobs.replication`).
+    kind: str = "backup"
+    #: A replication job's request ``job_id``; ``None`` for a backup.
+    replication_id: Optional[str] = None
     #: The copy's progress over the last :data:`RATE_WINDOW` seconds, for the rate
     #: and the ETA; in memory only (a restarted daemon's jobs have ended).
     rate_samples: tuple[Sample, ...] = attrs.field(default=(), eq=False, repr=False)
@@ -342,6 +358,7 @@ class Job:
     ) -> Job:
         ports = list(relay_ports) or [None] * len(request.targets)
         indexes = request.disk_indexes
+        notes = dict(request.previous_notes)
         return cls(
             job_id=request.job_id,
             vm_name=request.vm_name,
@@ -359,11 +376,15 @@ class Job:
                     previous_change_id=request.previous_change_id_of(t.disk_key),
                     previous_source=request.previous_source_of(t.disk_key),
                     disk_index=indexes[t.disk_key],
+                    nbd_host=t.host,
+                    previous_note=notes.get(t.disk_key),
                 )
                 for t, relay in zip(request.targets, ports, strict=True)
             ),
             started_at=now,
             last_update=now,
+            kind=request.kind,
+            replication_id=request.replication_id,
         )
 
     # -- derived values -------------------------------------------------
@@ -533,11 +554,15 @@ class Job:
                 if index is None:
                     return self._touch(now)
                 disk = self.disks[index]
+                reason = event.sync_reason
+                if reason and disk.previous_note and event.sync_type == "full":
+                    # sna's chain knows why there was no base; the client only that there was none.
+                    reason = f"{reason}: {disk.previous_note}"
                 job = self._with_disk(
                     index,
                     now,
                     sync_type=event.sync_type or disk.sync_type,
-                    sync_reason=event.sync_reason or disk.sync_reason,
+                    sync_reason=reason or disk.sync_reason,
                     bytes_total=event.bytes_total
                     if event.bytes_total is not None
                     else disk.bytes_total,

@@ -74,12 +74,19 @@ class ShaClient:
     """Requests to ``base_url`` (the SHA's API) with a treq-like ``http`` client."""
 
     def __init__(
-        self, http: Any, base_url: str, clock: IReactorTime, timeout: float = REQUEST_TIMEOUT
+        self,
+        http: Any,
+        base_url: str,
+        clock: IReactorTime,
+        timeout: float = REQUEST_TIMEOUT,
+        token: Optional[bytes] = None,
     ) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
         self._clock = clock
         self._timeout = timeout
+        #: The SHA's bearer token (``--sha-token-file``): in headers only, never in a message.
+        self._token = token
 
     def request(self, method: str, path: str, body: Optional[str] = None) -> Deferred[Answer]:
         """The answer to one request; :class:`ShaUnreachable` if none came in time."""
@@ -98,6 +105,8 @@ class ShaClient:
 
     async def _request(self, method: str, path: str, body: Optional[str]) -> Answer:
         headers = {"Accept": ["application/json"]}
+        if self._token is not None:
+            headers["Authorization"] = ["Bearer " + self._token.decode("ascii", "replace")]
         data = None
         if body is not None:
             headers["Content-Type"] = ["application/json"]

@@ -145,7 +145,8 @@ class LiveTelemetry:
         pushes = self._jobs.setdefault(job.job_id, JobPushes())
         if pushes.finished or pushes.stopped or pushes.in_flight is not None:
             return
-        if not job.status.active:
+        if not job.status.active or job.kind != "backup":
+            # The SHA's telemetry route updates backup jobs only (sha-contract.md §2.3).
             return
         now = self._clock.seconds()
         body = messages.telemetry(job, self._now(), rate=job.throughput_bps or 0.0)

@@ -23,7 +23,14 @@ from sna.jobs.model import DiskState, Job, JobStatus
 #: Longest wait the SHA's ``eta_seconds`` (an INT column) is given.
 MAX_ETA = 30 * 86400
 
-Kind = Literal["complete", "telemetry"]
+#: ``complete`` and ``telemetry`` for backups; ``replication_changeid`` (each disk's
+#: change ID) and ``replication_end`` (the request's end, a PUT) for replication jobs.
+Kind = Literal["complete", "telemetry", "replication_changeid", "replication_end"]
+
+
+def method(kind: str) -> str:
+    """The HTTP method of a message: the replication job update is a PUT, the rest POSTs."""
+    return "PUT" if kind == "replication_end" else "POST"
 
 
 @attrs.frozen
@@ -239,6 +246,87 @@ def final_messages(job: Job, now: datetime) -> list[Message]:
 
 def encode(body: Mapping[str, Any]) -> str:
     return _encode(body)
+
+
+# -- replication jobs ----------------------------------------------------------------------
+#
+# Where the Go client and SNA reported them (upstream-contracts.md §3.5, §1.3 #10):
+# each disk's change ID to POST /api/v1/replications/{job_id}/changeid as
+# {"change_id", "disk_id": "disk-<VMware key>"}, and the end of the request's work to
+# PUT /api/v1/replications/{job_id}, a ReplicationJob with its status; both under the
+# request's job_id (the SHA's replication job).
+
+
+def changeid_report_path(replication_id: str) -> str:
+    return f"/api/v1/replications/{quoted(replication_id)}/changeid"
+
+
+def replication_path(replication_id: str) -> str:
+    return f"/api/v1/replications/{quoted(replication_id)}"
+
+
+def _replication_status(status: JobStatus) -> str:
+    return {JobStatus.COMPLETED: "completed", JobStatus.CANCELLED: "cancelled"}.get(
+        status, "failed"
+    )
+
+
+def replication_messages(job: Job, group: list[Job], now: datetime) -> list[Message]:
+    """What the SHA must get now that ``job``, a replication job of ``group``, has ended.
+
+    Completed: each disk's change ID.  Then, once no job of the request runs any
+    more, the request's end: completed when every job completed, else failed
+    (cancelled when one was cancelled and none failed), with every job's error.
+    """
+    replication_id = job.replication_id or job.job_id
+    found = []
+    if job.status is JobStatus.COMPLETED:
+        for disk in by_index(job):
+            if not disk.change_id:
+                continue
+            body: dict[str, Any] = {
+                "change_id": disk.change_id,
+                "disk_id": f"disk-{disk.vmware_disk_key or disk.disk_key}",
+            }
+            if disk.previous_change_id:
+                body["previous_change_id"] = disk.previous_change_id
+            found.append(
+                Message(
+                    "replication_changeid",
+                    changeid_report_path(replication_id),
+                    _encode(body),
+                    disk_index=disk.disk_index,
+                )
+            )
+    if any(j.status.active for j in group):
+        return found
+    members = group or [job]
+    statuses = {j.status for j in members}
+    if statuses == {JobStatus.COMPLETED}:
+        status = JobStatus.COMPLETED
+    elif statuses <= {JobStatus.COMPLETED, JobStatus.CANCELLED}:
+        status = JobStatus.CANCELLED
+    else:
+        status = JobStatus.FAILED
+    done = sum(j.bytes_done for j in members)
+    total = sum(total_bytes(j) for j in members)
+    errors = [f"{j.job_id}: {j.error}" for j in members if j.error]
+    incremental = any(d.sync_type == "incremental" for j in members for d in j.disks)
+    update = {
+        "id": replication_id,
+        "status": _replication_status(status),
+        "progress": 100.0 if status is JobStatus.COMPLETED else _percent(done, max(total, 1)),
+        "current_operation": status.value.capitalize(),
+        "replication_type": "incremental" if incremental else "initial",
+        "bytes_transferred": done,
+        "total_bytes": max(total, done),
+        "transfer_speed_bps": 0,
+        "error_message": "; ".join(errors),
+        "created_at": _timestamp(min(j.started_at for j in members)),
+        "updated_at": _timestamp(now),
+    }
+    found.append(Message("replication_end", replication_path(replication_id), _encode(update)))
+    return found
 
 
 # -- answers -------------------------------------------------------------------------------

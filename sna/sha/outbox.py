@@ -58,6 +58,10 @@ def describe(row: OutboxRow) -> str:
         if row.disk_index is None:
             return "the completions"
         return f"the completion of disk {row.disk_index}"
+    if row.kind == "replication_changeid":
+        return f"the change ID of disk {row.disk_index}"
+    if row.kind == "replication_end":
+        return "the replication job's end"
     return "the final state"
 
 
@@ -221,7 +225,7 @@ class Outbox:
         while not self._stopped:
             attempts += 1
             try:
-                answer = await self._client.request("POST", row.path, row.body)
+                answer = await self._client.request(messages.method(row.kind), row.path, row.body)
             except ShaUnreachable as e:
                 outcome, reason = "unreachable", str(e)
             else:
@@ -298,8 +302,8 @@ def summary(rows: list[OutboxRow]) -> Optional[dict[str, Any]]:
     """How a job's messages to the SHA stand, for its status; None if it has none."""
     if not rows:
         return None
-    completes = [r for r in rows if r.kind == "complete"]
-    finals = [r for r in rows if r.kind == "telemetry"]
+    completes = [r for r in rows if r.kind in ("complete", "replication_changeid")]
+    finals = [r for r in rows if r.kind in ("telemetry", "replication_end")]
     completion: Optional[dict[str, Any]] = None
     if completes:
         states = {r.state for r in completes}

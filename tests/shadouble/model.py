@@ -30,6 +30,7 @@ assert there are none.
 
 from __future__ import annotations
 
+import json
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -372,6 +373,9 @@ class ShaModel:
         self.problems: list[Problem] = []
         #: Runs of the all-disks-completed branch of /complete, by job (§2.2: a repeat re-runs it).
         self.branch_runs: dict[str, int] = {}
+        #: Replication jobs as the node reported them, by job id: each disk's change IDs
+        #: (``disk-<key>`` -> in the order stored) and the job updates (PUT bodies).
+        self.replications: dict[str, dict[str, Any]] = {}
         self._next_disk_id = 1
         self._seq = 0
 
@@ -656,6 +660,50 @@ class ShaModel:
             },
         )
 
+    def _replication(self, job_id: str) -> dict[str, Any]:
+        return self.replications.setdefault(job_id, {"change_ids": {}, "updates": []})
+
+    def replication_changeid(self, job_id: str, body: bytes) -> Answer:
+        """``POST /replications/{job_id}/changeid`` (RPL StoreChangeID): kept per disk.
+
+        The SHA looks the job up in ``replication_jobs`` (404 when absent); the
+        double keeps any job's, its table being the node's reports alone.
+        """
+        try:
+            request = json.loads(body)
+        except ValueError as e:
+            return backup_error(400, "Invalid request body", str(e))
+        if not isinstance(request, dict):
+            return backup_error(400, "Invalid request body", "not an object")
+        change_id = request.get("change_id")
+        if not isinstance(change_id, str) or change_id == "":
+            return backup_error(400, "Missing change_id", "change_id field is required")
+        disk_id = request.get("disk_id") or "disk-2000"
+        if not isinstance(disk_id, str):
+            return backup_error(400, "Invalid request body", "disk_id is a string")
+        self._replication(job_id)["change_ids"].setdefault(disk_id, []).append(change_id)
+        return json_answer(
+            200,
+            {
+                "job_id": job_id,
+                "disk_id": disk_id,
+                "change_id": change_id,
+                "message": "ChangeID stored successfully",
+            },
+        )
+
+    def replication_update(self, job_id: str, body: bytes) -> Answer:
+        """``PUT /replications/{id}`` (RPL Update): the body kept, its ``id`` the URL's."""
+        try:
+            update = json.loads(body)
+        except ValueError as e:
+            return backup_error(400, "Invalid request payload", str(e))
+        if not isinstance(update, dict):
+            return backup_error(400, "Invalid request payload", "not an object")
+        update["id"] = job_id
+        self._replication(job_id)["updates"].append(update)
+        return json_answer(200, update)
+
     def _telemetry_disk(self, job_id: str, disk: Mapping[str, Any], now: int) -> None:
         index: int = disk["disk_index"]
         row = self.disk(job_id, index)
@@ -916,6 +964,7 @@ class ShaModel:
             "port_allocations": [_row_json(a) for a in self.allocations.values()],
             "completion_branch_runs": dict(self.branch_runs),
             "problems": [_row_json(p) for p in self.problems],
+            "replications": json.loads(json.dumps(self.replications)),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -945,6 +994,7 @@ class ShaModel:
         model.branch_runs = {
             str(k): int(v) for k, v in data.get("completion_branch_runs", {}).items()
         }
+        model.replications = dict(data.get("replications", {}))
         model._next_disk_id = int(data.get("next_disk_id", len(model.disks) + 1))
         model._seq = int(data.get("seq", len(model.jobs)))
         return model

@@ -15,7 +15,8 @@ Pure.  What the SHA does before a handler runs (sha-contract.md §0, §6):
 - the query is parsed like ``url.ParseQuery``: ``&`` separates, a pair with
   ``;`` or a bad escape is dropped, ``+`` is a space, the first value counts.
 
-Only the three routes the node calls are emulated.  The SHA's other backup
+Only the routes the node calls are emulated: the three of backups, and the
+two of replication jobs (a change ID per disk, the job's update).  The SHA's other backup
 routes that the same paths could reach answer 501 (not emulated), so a node
 calling one shows up instead of passing for a missing route.
 """
@@ -144,6 +145,16 @@ def _telemetry(model: ShaModel, args: tuple[str, ...], _query: str, body: bytes)
     return model.telemetry(args[0], args[1], body)
 
 
+def _replication_changeid(
+    model: ShaModel, args: tuple[str, ...], _query: str, body: bytes
+) -> Answer:
+    return model.replication_changeid(args[0], body)
+
+
+def _replication_update(model: ShaModel, args: tuple[str, ...], _query: str, body: bytes) -> Answer:
+    return model.replication_update(args[0], body)
+
+
 _VAR = "([^/]+)"
 #: The SHA's backup and telemetry routes in registration order (BH:1000-1021, TH:96).
 ROUTES: tuple[tuple[str, str, str, Optional[Handler]], ...] = (
@@ -156,6 +167,17 @@ ROUTES: tuple[tuple[str, str, str, Optional[Handler]], ...] = (
     ("GET", f"/api/v1/backups/{_VAR}", "details", None),
     ("DELETE", f"/api/v1/backups/{_VAR}", "delete", None),
     ("POST", f"/api/v1/telemetry/{_VAR}/{_VAR}", "telemetry", _telemetry),
+    # The replication routes the node calls (sha/api/server.go:97-101), behind requireAuth.
+    ("GET", "/api/v1/replications/changeid", "replication-lookup", None),
+    (
+        "POST",
+        f"/api/v1/replications/{_VAR}/changeid",
+        "replication-changeid",
+        _replication_changeid,
+    ),
+    ("GET", f"/api/v1/replications/{_VAR}", "replication-details", None),
+    ("PUT", f"/api/v1/replications/{_VAR}", "replication-update", _replication_update),
+    ("DELETE", f"/api/v1/replications/{_VAR}", "replication-delete", None),
 )
 
 

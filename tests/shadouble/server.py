@@ -26,6 +26,7 @@ Control routes (not the SHA's):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -70,6 +71,15 @@ def _file_size(path: str) -> int:
 def _readable(text: str) -> str:
     """A Go string (surrogate-escaped bytes) as valid text for the log."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def auth_digest(header: Optional[str]) -> Optional[str]:
+    """What the request log keeps of an ``Authorization`` header: its scheme and the
+    SHA-256 of its credentials, never the credentials themselves."""
+    if header is None:
+        return None
+    scheme, _, credentials = header.partition(" ")
+    return f"{scheme} sha256:{hashlib.sha256(credentials.encode('latin-1')).hexdigest()}"
 
 
 class Store:
@@ -231,6 +241,7 @@ class Handler(BaseHTTPRequestHandler):
                 "status": answer.status,
                 "answer": answer.text,
                 "route": route,
+                "auth": auth_digest(self.headers.get("Authorization")),
             }
         )
         self._send(answer)

@@ -73,7 +73,7 @@ def test_a_version_3_database_gets_the_pins_table(tmp_path: Path) -> None:
     store.save_pin(PinRow("vc.example.local", 443, SHA256, NOW.isoformat()))
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     db.close()
     again = store_at(tmp_path)
     assert again.load_pins() == [PinRow("vc.example.local", 443, SHA256, NOW.isoformat())]

@@ -112,7 +112,7 @@ def test_a_version_2_database_keeps_its_undelivered_final_states(tmp_path: Path)
     assert [(d["disk_index"], d["bytes_transferred"]) for d in body["disks"]] == [(1, 5), (0, 7)]
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
     assert "sha_outbox" not in tables
     db.close()
