@@ -99,6 +99,12 @@ class SnaService(MultiService):
         # The start line, with these directories, is sna.tap.StartLine's, a child.
         super().startService()  # type: ignore[no-untyped-call]
 
+    def attach_hub(self, hub: ShaHub) -> None:
+        """Talk to the SHA through ``hub`` from now on (an enrolled node's tunnel came)."""
+        self._hub = hub
+        if self.running:
+            hub.start()
+
     def _check_state_dir(self) -> None:
         path = self._state_dir.path
         try:

@@ -37,6 +37,9 @@ from sna.api.auth import BearerTokenAuthorization, check_secret_file, read_token
 from sna.api.http import ApiSite, ConnectionLimits, make_site
 from sna.api.joblog_route import JobLogs
 from sna.config import ConfigError, Settings
+from sna.enrollment.files import EnrollmentFiles
+from sna.enrollment.routes import EnrollmentRoutes
+from sna.enrollment.service import EnrollmentService
 from sna.jobs.janitor import SnapshotJanitor
 from sna.jobs.leftovers import LeftoverClients
 from sna.jobs.manager import JobManager, PinnedLauncher
@@ -52,6 +55,14 @@ from sna.service import CannotStart, SnaService
 from sna.sha.client import QuietConnectionPool, ShaClient
 from sna.sha.hub import ShaHub
 from sna.telemetry.metrics import Metrics
+from sna.tunnel.settings import (
+    DEFAULT_REVERSE_PORT,
+    DEFAULT_SHA_API_PORT,
+    DEFAULT_SSH_PORT,
+    DEFAULT_USER,
+    TunnelSettings,
+)
+from sna.tunnel.supervisor import TunnelState, TunnelSupervisor, identity_problem
 from sna.vmware.pins import CertificateProbe, VCenterPins
 from sna.vmware.sessions import SessionPool
 from sna.vmware.vsphere import VSphere
@@ -121,6 +132,13 @@ class Options(usage.Options):
             "change IDs, live telemetry and per-disk completions go there.",
         ],
         [
+            "sha-token-file",
+            None,
+            None,
+            "File holding the SHA's API bearer token, sent with every request to --sha-url "
+            "(its replication routes require one).",
+        ],
+        [
             "vcenter-ca-file",
             None,
             None,
@@ -184,6 +202,35 @@ class Options(usage.Options):
             f"{_LIMITS.idle_timeout:g}",
             "Seconds an API connection may stay open without sending anything.",
         ],
+        # The SSH tunnel to the hub, for a node keyed by hand (sna.tunnel): all or none.
+        ["tunnel-host", None, None, "The hub's SSH host: run the supervised tunnel to it."],
+        ["tunnel-port", None, str(DEFAULT_SSH_PORT), "The hub's SSH port."],
+        ["tunnel-user", None, DEFAULT_USER, "The SSH user on the hub."],
+        ["tunnel-identity", None, None, "The node's private key (OpenSSH format, mode 0600)."],
+        [
+            "tunnel-known-hosts",
+            None,
+            None,
+            "known_hosts file pinning the hub's host key ([host]:port form).",
+        ],
+        [
+            "tunnel-sha-api-port",
+            None,
+            str(DEFAULT_SHA_API_PORT),
+            "The hub's API port, forwarded to the same port on the node's loopback.",
+        ],
+        [
+            "tunnel-reverse-port",
+            None,
+            str(DEFAULT_REVERSE_PORT),
+            "The port on the hub's loopback that reaches this node's API (--listen).",
+        ],
+        [
+            "tunnel-proxy-command",
+            None,
+            None,
+            "An ssh ProxyCommand to reach the hub through (run by /bin/sh).",
+        ],
     ]
 
     # Option names of the run-time settings, for error messages.
@@ -231,6 +278,9 @@ class Options(usage.Options):
         except Exception as e:  # whatever Twisted finds wrong in the operator's description
             raise usage.UsageError(f"--listen {self['listen']}: {e}") from None
         settings: Settings = self["settings"]
+        self["tunnel"] = _tunnel_settings(self, settings)
+        if self["tunnel"] is not None and self["sha-url"] is None:
+            self["sha-url"] = f"http://127.0.0.1:{self['tunnel'].sha_api_port}"
         self["nbd-ports"], self["nbd-hosts"] = settings.nbd_ports, settings.nbd_hosts
         self["max-jobs"], self["kill-grace"] = settings.max_jobs, settings.kill_grace
         if self["auth-token-file"] is not None:
@@ -251,6 +301,18 @@ class Options(usage.Options):
                     f"--sha-url must be an http(s) URL like http://localhost:8082, "
                     f"not {self['sha-url']!r}"
                 )
+        self["sha-token"] = None
+        if self["sha-token-file"] is not None:
+            if self["sha-url"] is None:
+                raise usage.UsageError("--sha-token-file needs --sha-url (or a tunnel)")
+            try:
+                self["sha-token"] = read_token(self["sha-token-file"])
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--sha-token-file: cannot read {self['sha-token-file']}: {e.strerror or e}"
+                ) from None
+            except ValueError as e:
+                raise usage.UsageError(f"--sha-token-file: {e}") from None
         if self["vcenter-ca-file"] is not None:
             try:
                 ssl.create_default_context().load_verify_locations(cafile=self["vcenter-ca-file"])
@@ -303,6 +365,72 @@ class Options(usage.Options):
         )
 
 
+#: The options that describe a tunnel, by TunnelSettings field: given together or not at all.
+_TUNNEL_OPTIONS = ("tunnel-host", "tunnel-identity", "tunnel-known-hosts")
+
+
+def _tunnel_settings(config: Options, settings: Settings) -> Optional[TunnelSettings]:
+    """The tunnel the ``--tunnel-*`` options describe, or None when none is given."""
+    given = [name for name in _TUNNEL_OPTIONS if config[name] is not None]
+    if not given and config["tunnel-proxy-command"] is None:
+        return None
+    missing = [name for name in _TUNNEL_OPTIONS if config[name] is None]
+    if missing:
+        raise usage.UsageError(
+            f"--{missing[0]} is required with "
+            f"{', '.join('--' + n for n in given) or '--tunnel-proxy-command'}: "
+            f"a tunnel needs --{', --'.join(_TUNNEL_OPTIONS)}"
+        )
+    ports = {}
+    for name in ("tunnel-port", "tunnel-sha-api-port", "tunnel-reverse-port"):
+        value = _number(config[name], int)
+        if not isinstance(value, int) or not 1 <= value <= 65535:
+            raise usage.UsageError(f"--{name} must be a port from 1 to 65535, not {config[name]!r}")
+        ports[name] = value
+    api_port = _loopback_tcp_port(config["listen"])
+    if api_port is None:
+        raise usage.UsageError(
+            f"--listen {config['listen']}: the tunnel's reverse forward needs the API on a "
+            "loopback TCP port (like tcp:8081:interface=127.0.0.1)"
+        )
+    problem = identity_problem(config["tunnel-identity"])
+    if problem is not None:
+        raise usage.UsageError(f"--tunnel-identity: {problem}")
+    if not os.access(config["tunnel-known-hosts"], os.R_OK):
+        raise usage.UsageError(f"--tunnel-known-hosts: cannot read {config['tunnel-known-hosts']}")
+    host = config["tunnel-host"]
+    if not host or host.startswith("-") or any(c.isspace() or not c.isprintable() for c in host):
+        raise usage.UsageError(f"--tunnel-host must be a host name or address, not {host!r}")
+    if ports["tunnel-sha-api-port"] in settings.nbd_ports:
+        raise usage.UsageError("--tunnel-sha-api-port must not be one of --nbd-ports")
+    return TunnelSettings(
+        host=host,
+        identity=os.path.abspath(config["tunnel-identity"]),
+        known_hosts=os.path.abspath(config["tunnel-known-hosts"]),
+        api_port=api_port,
+        port=ports["tunnel-port"],
+        user=config["tunnel-user"],
+        nbd_ports=settings.nbd_ports,
+        sha_api_port=ports["tunnel-sha-api-port"],
+        reverse_port=ports["tunnel-reverse-port"],
+        proxy_command=config["tunnel-proxy-command"],
+    )
+
+
+def _loopback_tcp_port(description: str) -> Optional[int]:
+    """The port of a ``tcp:`` endpoint bound to 127.0.0.1, else None (the hub speaks plain HTTP)."""
+    args, kwargs = endpoint_arguments(description)
+    kind = args[0].lower() if args else ""
+    if kind != "tcp" or not _loopback_only(description):
+        return None
+    given = dict(zip(_ENDPOINT_PARAMETERS[kind], args[1:], strict=False))
+    interface = kwargs.get("interface", given.get("interface", ""))
+    port = _number(kwargs.get("port", given.get("port", "")), int)
+    if interface != "127.0.0.1" or not isinstance(port, int):
+        return None
+    return port if 1 <= port <= 65535 else None
+
+
 def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -322,12 +450,15 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         reactor, reactor, command, log_dir, utcnow, spares=config["spare-clients"]
     )
     relays = RelayRegistry()
+    # Always there, "not_configured" without settings: an enrollment gives it some later.
+    tunnel = TunnelSupervisor(reactor, config["tunnel"], now=utcnow)
     metrics = Metrics(
         lambda: manager.counts(),
         relays,
         launcher.spares.counts if launcher.spares is not None else None,
         store.outbox_counts if config["sha-url"] else None,
         jobs=lambda: manager.jobs(),
+        tunnel=tunnel.state,
     )
     pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
     # vCenter certificates operators pinned (sna-ctl vcenter trust): used by the
@@ -344,10 +475,10 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         pins=pins.thumbprint_for,
     )
     vsphere = VSphere(sessions)
-    hub = None
-    if config["sha-url"]:
-        hub = ShaHub(
-            ShaClient(HTTPClient(_sha_agent(reactor)), config["sha-url"], reactor),
+
+    def make_hub(url: str) -> ShaHub:
+        return ShaHub(
+            ShaClient(HTTPClient(_sha_agent(reactor)), url, reactor, token=config.get("sha-token")),
             store,
             reactor,
             utcnow,
@@ -355,6 +486,8 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
             legacy=command.legacy,
             on_answer=metrics.sha_answered,
         )
+
+    hub = make_hub(config["sha-url"]) if config["sha-url"] else None
     janitor = SnapshotJanitor(
         vsphere,
         reactor,
@@ -371,7 +504,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         reactor,
         settings,
         utcnow,
-        gateway=NbdGateway(reactor, relays),
+        gateway=NbdGateway(reactor, relays, tunnel_down=tunnel.down_reason),
         on_probe_failure=metrics.probe_failed,
         janitor=janitor,
         hub=hub,
@@ -380,6 +513,38 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     )
     # The relays' throughput over the last minutes, for the dashboard's chart.
     relay_history = RelayHistory(relays, reactor, utcnow)
+    # Enrollment with the hub (sna/enrollment): its state in the job database, the
+    # node's key under STATE-DIR/enrollment.  An approved enrollment is handed to the
+    # tunnel (its ``use``); the tunnel's states come back (``up`` makes it active).
+    enrollment = EnrollmentService(
+        store,
+        EnrollmentFiles.under(state_dir.path),
+        reactor,
+        utcnow,
+        api_port=_api_port(config["listen"]),
+        nbd_ports=lambda: manager.settings.nbd_ports,
+        use_tunnel=lambda settings: enrolled_tunnel(settings),
+        tunnel_by_hand=config["tunnel"].host if config["tunnel"] is not None else None,
+    )
+
+    def tunnel_changed(state: TunnelState) -> None:
+        # Only the enrollment's own tunnel speaks for it; its first login with the
+        # enrollment's key is what makes it active, even if a forward is refused.
+        if state.settings is not None and state.settings.enrollment_id is not None:
+            enrollment.tunnel_changed(state.state, authenticated=state.authenticated)
+
+    tunnel.subscribe(tunnel_changed)
+
+    def enrolled_tunnel(settings: Optional[TunnelSettings]) -> object:
+        # Without --sha-url, the SHA is the one at the end of the enrollment's tunnel,
+        # as it is for a tunnel given by options: from the next job on.
+        if settings is not None and manager.hub is None:
+            url = f"http://127.0.0.1:{settings.sha_api_port}"
+            log.info("the SHA is at {url}, through the enrolled node's tunnel", url=url)
+            manager.hub = make_hub(url)
+            service.attach_hub(manager.hub)
+        return tunnel.use(settings)
+
     api = SnaAPI(
         manager,
         utcnow,
@@ -391,10 +556,14 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         certificates=certificates,
         relay_history=relay_history,
         job_logs=JobLogs(log_dir, manager.get, reactor),
+        tunnel=tunnel,
+        enrollment=EnrollmentRoutes(enrollment),
     )
     service = SnaService(manager, store, state_dir, log_dir, pool, vsphere, reactor, hub)
+    tunnel.setServiceParent(service)  # type: ignore[no-untyped-call]
     janitor.setServiceParent(service)  # type: ignore[no-untyped-call]
     pins.setServiceParent(service)  # type: ignore[no-untyped-call]
+    enrollment.setServiceParent(service)  # type: ignore[no-untyped-call]
     sampler = RelayHistorySampler(relay_history, reactor)
     sampler.setServiceParent(service)  # type: ignore[no-untyped-call]
     if launcher.spares is not None:
@@ -416,6 +585,26 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
     start_line = StartLine(config, command, spares, state_dir.path, log_dir)
     start_line.setServiceParent(service)  # type: ignore[no-untyped-call]
     return service
+
+
+#: The API port the hub's reverse forward targets when --listen names none (a UNIX socket).
+_DEFAULT_API_PORT = 8081
+
+
+def _api_port(description: str) -> int:
+    """The TCP port ``--listen`` binds: where an enrolled node's reverse forward points."""
+    args, kwargs = endpoint_arguments(description)
+    if args and args[0].lower() in _ENDPOINT_PARAMETERS:
+        text = kwargs.get("port", args[1] if len(args) > 1 else "")
+        if text.isdigit() and 0 < int(text) < 65536:
+            return int(text)
+    log.warn(
+        "--listen {listen} is not a TCP port: an enrolled node's tunnel points the hub at "
+        "port {port}",
+        listen=description,
+        port=_DEFAULT_API_PORT,
+    )
+    return _DEFAULT_API_PORT
 
 
 def _sha_agent(reactor: Any) -> Agent:

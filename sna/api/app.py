@@ -24,6 +24,7 @@ from sna import __version__
 from sna.api import openapi, render
 from sna.api.http import ApiError, json_response, read_json_object
 from sna.api.joblog_route import JobLogs
+from sna.api.replicate import parse_replicate_request
 from sna.api.validation import (
     check_job_id,
     check_text,
@@ -41,12 +42,14 @@ from sna.api.validation import (
 from sna.config import ConfigError
 from sna.contract.tls import InvalidThumbprint
 from sna.contract.vcenter import InvalidAddress
-from sna.jobs import history
+from sna.enrollment.routes import EnrollmentRoutes
+from sna.jobs import history, replication
 from sna.jobs.manager import (
     AtCapacity,
     JobConflict,
     JobError,
     JobManager,
+    JobNotActive,
     ShaLookupFailed,
     ShuttingDown,
     StorageUnavailable,
@@ -58,6 +61,8 @@ from sna.logging import printable
 from sna.nbd.relay.history import RelayHistory
 from sna.sbc.command import ClientUnavailable
 from sna.telemetry.metrics import CONTENT_TYPE, Metrics
+from sna.tunnel import render as render_tunnel
+from sna.tunnel.supervisor import TunnelSupervisor
 from sna.vmware.interface import Credentials, InvalidVSphereRequest, IVSphere, VSphereError
 from sna.vmware.pins import CertificateProbe, VCenterPins, parse_vcenter, presented_json
 from sna.web.shell import INDEX, Shell
@@ -115,7 +120,11 @@ class SnaAPI:
         certificates: Optional[CertificateProbe] = None,
         relay_history: Optional[RelayHistory] = None,
         job_logs: Optional[JobLogs] = None,
+        enrollment: Optional[EnrollmentRoutes] = None,
+        tunnel: Optional[TunnelSupervisor] = None,
     ) -> None:
+        #: The SSH tunnel to the hub (GET /api/v1/tunnel, health); None: never any.
+        self._tunnel = tunnel
         self._manager = manager
         self._vsphere = vsphere
         #: Stored vCenter pins and the certificate fetcher (``/api/v1/vcenter/...``);
@@ -134,6 +143,8 @@ class SnaAPI:
         self._relay_history = relay_history
         #: Reads job logs back for GET /api/v1/jobs/{job_id}/log (None: no such route).
         self._job_logs = job_logs
+        #: The enrollment with the hub (/api/v1/enrollment/...; None: no such routes).
+        self._enrollment = enrollment
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
@@ -245,11 +256,34 @@ class SnaAPI:
     def _status(self, job: Job) -> dict[str, Any]:
         hub = self._manager.hub
         sha = hub.report(job.job_id) if hub is not None else None
-        return render.status(job, sha, self._now())
+        return {**render.status(job, sha, self._now()), **self._kind(job)}
+
+    def _kind(self, job: Job) -> dict[str, Any]:
+        """A job's ``kind`` and, for a replication, its request and the request's jobs."""
+        if job.replication_id is None:
+            return {"kind": job.kind, "replication": None}
+        members = self._manager.replication_jobs(job.replication_id)
+        return {
+            "kind": job.kind,
+            "replication": {
+                "replication_id": job.replication_id,
+                "jobs": sorted(j.job_id for j in members),
+            },
+        }
+
+    def _job(self, job_id: str) -> Job:
+        """A job by id, or a replicate request's jobs as one under the request's ``job_id``."""
+        try:
+            return self._manager.get(job_id)
+        except UnknownJob:
+            group = replication.group_view(job_id, self._manager.replication_jobs(job_id))
+            if group is None:
+                raise
+            return group
 
     @app.route("/api/v1/status/<job_id>", methods=["GET"])
     def status(self, request: IRequest, job_id: str) -> bytes:
-        return json_response(request, self._status(self._manager.get(job_id)))
+        return json_response(request, self._status(self._job(job_id)))
 
     @app.route("/api/v1/jobs", methods=["GET"])
     def jobs(self, request: IRequest) -> bytes:
@@ -277,11 +311,14 @@ class SnaAPI:
 
     @app.route("/api/v1/jobs/<job_id>/status", methods=["GET"])
     def sha_job_status(self, request: IRequest, job_id: str) -> bytes:
-        return json_response(request, render.sha_job_status(self._manager.get(job_id)))
+        return json_response(request, render.sha_job_status(self._job(job_id)))
 
     @app.route("/api/v1/jobs/<job_id>/cancel", methods=["POST"])
     def cancel(self, request: IRequest, job_id: str) -> bytes:
-        job = self._manager.cancel(job_id)
+        try:
+            job = self._manager.cancel(job_id)
+        except UnknownJob:
+            return self._cancel_replication(request, job_id)
         body = {
             "job_id": job.job_id,
             "status": "cancelling",
@@ -289,11 +326,47 @@ class SnaAPI:
         }
         return json_response(request, body, 202)
 
+    # -- replication jobs (sna.jobs.replication) --------------------------
+
+    @app.route("/api/v1/replicate", methods=["POST"])
+    async def replicate(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        wanted = parse_replicate_request(body, self._manager.settings)
+        chains = [
+            self._manager.replication_chain(wanted.vcenter_key, vm.vm_path) for vm in wanted.vms
+        ]
+        jobs = await self._manager.start_all(replication.plan(wanted, chains))
+        answer = {
+            "job_id": wanted.job_id,
+            "status": "started",
+            "vm_count": len(jobs),
+            "started_at": render.timestamp_seconds(min(j.started_at for j in jobs)),
+            "jobs": [{"job_id": j.job_id, "vm_path": j.vm_path, "pid": j.pid} for j in jobs],
+        }
+        return json_response(request, answer)
+
+    def _cancel_replication(self, request: IRequest, replication_id: str) -> bytes:
+        """``/jobs/{job_id}/cancel`` of a replicate request's ``job_id``: each of its running jobs."""
+        members = self._manager.replication_jobs(replication_id)
+        if not members:
+            raise UnknownJob(f"job {replication_id} not found")
+        running = [j for j in members if j.status.active]
+        if not running:
+            raise JobNotActive(f"no job of replication {replication_id} is running")
+        cancelled = [self._manager.cancel(j.job_id) for j in running]
+        names = ", ".join(f"{j.job_id} (pid {j.pid})" for j in cancelled)
+        body = {
+            "job_id": replication_id,
+            "status": "cancelling",
+            "message": f"Cancel requested; the backup clients of {names} are being stopped",
+        }
+        return json_response(request, body, 202)
+
     # -- the Go client's progress ----------------------------------------
 
     @app.route("/api/v1/progress/<job_id>", methods=["GET"])
     def progress(self, request: IRequest, job_id: str) -> bytes:
-        return json_response(request, render.progress(self._manager.get(job_id), self._now()))
+        return json_response(request, render.progress(self._job(job_id), self._now()))
 
     @app.route("/api/v1/progress/<job_id>/update", methods=["POST"])
     def progress_update(self, request: IRequest, job_id: str) -> bytes:
@@ -311,6 +384,10 @@ class SnaAPI:
         uptime = self._monotonic() - self._started
         counts = self._manager.counts()
         problem = self._manager.storage_problem()
+        tunnel = self._tunnel.state() if self._tunnel is not None else None
+        tunnel_problem = tunnel.problem() if tunnel is not None else None
+        if tunnel_problem is not None:
+            problem = f"{problem}; {tunnel_problem}" if problem is not None else tunnel_problem
         body = {
             # Still 200: the daemon is up and answers; what it cannot do is said here.
             "status": "degraded" if problem is not None else "healthy",
@@ -322,8 +399,14 @@ class SnaAPI:
             "jobs": counts,
             "running_jobs": counts[JobStatus.RUNNING.value],
             "max_jobs": self._manager.settings.max_jobs,
+            "tunnel": render_tunnel.summary(tunnel),
         }
         return json_response(request, body)
+
+    @app.route("/api/v1/tunnel", methods=["GET"])
+    def tunnel(self, request: IRequest) -> bytes:
+        current = self._tunnel.state() if self._tunnel is not None else None
+        return json_response(request, render_tunnel.full(current))
 
     # -- vSphere --------------------------------------------------------
 
@@ -546,6 +629,26 @@ class SnaAPI:
         if pin is None:
             raise self._pin_not_found(host, port)
         return json_response(request, {**pin.to_json(), "status": "removed"})
+
+    # -- enrollment with the hub (sna/enrollment) --------------------------
+
+    def _enrollment_routes(self, request: IRequest) -> EnrollmentRoutes:
+        if self._enrollment is None:
+            path = request.path.decode("latin-1")
+            raise ApiError(404, "not_found", f"no route {path}")
+        return self._enrollment
+
+    @app.route("/api/v1/enrollment/enroll", methods=["POST"])
+    def enrollment_enroll(self, request: IRequest) -> bytes:
+        return self._enrollment_routes(request).enroll(request)
+
+    @app.route("/api/v1/enrollment/status", methods=["GET"])
+    def enrollment_status(self, request: IRequest) -> bytes:
+        return self._enrollment_routes(request).status(request)
+
+    @app.route("/api/v1/enrollment", methods=["DELETE"])
+    def enrollment_forget(self, request: IRequest) -> bytes:
+        return self._enrollment_routes(request).forget(request)
 
     # -- the OpenAPI document ---------------------------------------------
 

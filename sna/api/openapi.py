@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 from sna import __version__
+from sna.tunnel.supervisor import STATES as TUNNEL_STATES
 
 Schema = dict[str, Any]
 
@@ -1925,5 +1926,415 @@ PATHS["/api/v1/jobs/{job_id}/log"] = {
             410: ("job_log_gone",),
             503: ("job_log_unreadable", "too_many_waits"),
         },
+    )
+}
+
+# -- the SSH tunnel to the hub (sna/tunnel) -----------------------------------
+
+TUNNEL_STATE: Schema = {"type": "string", "enum": list(TUNNEL_STATES)}
+_TUNNEL_PORT: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
+
+#: The ``tunnel`` of ``/api/v1/health``: configured or not, and when it is not up, why.
+_HEALTH_TUNNEL: Schema = obj(
+    {
+        "configured": BOOLEAN,
+        "state": TUNNEL_STATE,
+        "since": TIME_MS,
+        "reason": nullable(STRING),
+        "reconnects": COUNT,
+    },
+    required=["configured", "state", "reason"],
+    additional=False,
+)
+_health_answer = PATHS["/api/v1/health"]["get"]["responses"]["200"]["content"][_JSON]["schema"]
+_health_answer["properties"]["tunnel"] = _HEALTH_TUNNEL
+_health_answer["required"].append("tunnel")
+for _example in _health_answer.get("examples", []):
+    _example["tunnel"] = {
+        "configured": True,
+        "state": "up",
+        "since": "2026-11-26T07:02:11.418Z",
+        "reason": None,
+        "reconnects": 0,
+    }
+PATHS["/api/v1/health"]["get"]["description"] += (
+    " With a tunnel configured, `status` is also `degraded` while the tunnel is not `up` "
+    "(`tunnel.reason` says why)."
+)
+
+PATHS["/api/v1/tunnel"] = {
+    "get": operation(
+        "The SSH tunnel to the hub",
+        "The supervised `ssh` that forwards the hub's NBD ports and API to this node's "
+        "loopback and the hub's reverse port to this API: its state, since when, the last "
+        "error, how often it was restarted, where it goes and which of its forwards the hub "
+        "refused. No key material. `configured: false` (state `not_configured`) on a node "
+        "without a tunnel.",
+        operation_id="tunnel",
+        tag="daemon",
+        ok={
+            200: json_body(
+                answered(
+                    {
+                        "configured": BOOLEAN,
+                        "state": TUNNEL_STATE,
+                        "since": nullable(TIME_MS),
+                        "last_error": nullable(STRING),
+                        "reconnects": COUNT,
+                        "host": nullable(STRING),
+                        "port": nullable(_TUNNEL_PORT),
+                        "user": nullable(STRING),
+                        "forwards": nullable(
+                            answered(
+                                {
+                                    "count": COUNT,
+                                    "nbd_ports": {
+                                        "type": "string",
+                                        "pattern": "^[0-9]+-[0-9]+$",
+                                    },
+                                    "sha_api_port": _TUNNEL_PORT,
+                                    "reverse_port": _TUNNEL_PORT,
+                                    "api_port": _TUNNEL_PORT,
+                                },
+                                additionalProperties=False,
+                            )
+                        ),
+                        "refused_ports": {"type": "array", "items": _TUNNEL_PORT},
+                        "authenticated": BOOLEAN,
+                        "pid": nullable({"type": "integer", "minimum": 1}),
+                    },
+                    additionalProperties=False,
+                    examples=[
+                        {
+                            "configured": True,
+                            "state": "forward_refused",
+                            "since": "2026-11-26T07:02:11.418Z",
+                            "last_error": "the hub's sshd refused a connection to port 10100 "
+                            "(administratively prohibited): its permitopen/PermitOpen does "
+                            "not allow 127.0.0.1:10100",
+                            "reconnects": 2,
+                            "host": "sha.example.internal",
+                            "port": 443,
+                            "user": "vma_tunnel",
+                            "forwards": {
+                                "count": 103,
+                                "nbd_ports": "10100-10200",
+                                "sha_api_port": 8082,
+                                "reverse_port": 9081,
+                                "api_port": 8081,
+                            },
+                            "refused_ports": [10100],
+                            "authenticated": True,
+                            "pid": 4242,
+                        }
+                    ],
+                ),
+                "The tunnel's state.",
+            )
+        },
+    )
+}
+
+
+# -- Enrollment with the hub (sna/enrollment) -------------------------------------
+
+ENROLLMENT_STATE: Schema = {
+    "type": "string",
+    "enum": [
+        "not_enrolled",
+        "enrolling",
+        "pending_verification",
+        "awaiting_approval",
+        "approved",
+        "active",
+        "rejected",
+        "failed",
+    ],
+}
+_ENROLLMENT_PORT: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
+_SSH_FINGERPRINT: Schema = {"type": "string", "pattern": "^SHA256:[A-Za-z0-9+/]{43}$"}
+_ENROLLMENT_ERRORS: dict[int, tuple[str, ...]] = {503: ("storage_unavailable",)}
+
+PATHS["/api/v1/enrollment/enroll"] = {
+    "post": operation(
+        "Enroll this node with its hub",
+        "Makes the node's Ed25519 key and files under `STATE-DIR/enrollment/`, stores the "
+        "enrollment and answers at once; the exchange with the hub (enroll, verify once, "
+        "poll the result every 5-10 s) goes on in the daemon and survives a restart: "
+        "follow it at `GET /api/v1/enrollment/status`. Exactly one of `tls_ca_file`, "
+        "`tls_pin_sha256` and `plain_http: true` says how the hub's enrollment URL is "
+        "trusted. The pairing code is never stored, logged or answered. `409` while an "
+        "enrollment is under way or done (`DELETE /api/v1/enrollment` first); a "
+        "`failed` or `rejected` one is replaced.",
+        operation_id="enroll",
+        tag="daemon",
+        body=obj(
+            {
+                "oma_host": text(253, required=True, description="the hub's host or IP"),
+                "oma_port": {**_ENROLLMENT_PORT, "description": "443, or 8082 with plain_http"},
+                "pairing_code": {
+                    "type": "string",
+                    "pattern": "^\\s*[\\x21-\\x7e]{1,128}\\s*$",
+                    "writeOnly": True,
+                    "description": "from the hub's enrollment page (XXXX-XXXX-XXXX)",
+                },
+                "vma_name": text(255, description="default: the host name"),
+                "vma_version": text(255, description="default: sna's version"),
+                "tls_ca_file": text(4096, description="absolute path of a PEM file of CAs"),
+                "tls_pin_sha256": text(
+                    200, description="SHA-256 of the hub's certificate (64 hex, colons optional)"
+                ),
+                "plain_http": {
+                    "type": ["boolean", "null"],
+                    "description": "true: plain HTTP (a stock hub's :8082)",
+                },
+                "ssh_host": text(253, description="default: oma_host"),
+                "ssh_port": {**_ENROLLMENT_PORT, "description": "default 443"},
+                "ssh_user": {
+                    "type": ["string", "null"],
+                    "pattern": "^\\s*([a-z_][a-z0-9_-]{0,31})?\\s*$",
+                    "description": "default vma_tunnel",
+                },
+                "ssh_host_key": {
+                    "type": "string",
+                    "maxLength": 16384,
+                    "description": "the hub's SSH host key line, `ssh-ed25519 AAAA…`",
+                },
+            },
+            required=["oma_host", "pairing_code", "ssh_host_key"],
+            additional=False,
+        ),
+        ok={
+            202: json_body(
+                answered(
+                    {
+                        "id": STRING,
+                        "state": ENROLLMENT_STATE,
+                        "since": TIME_S,
+                        "hub_url": STRING,
+                        "fingerprint": _SSH_FINGERPRINT,
+                        "public_key": STRING,
+                        "message": STRING,
+                        "status_url": STRING,
+                    },
+                    additionalProperties=False,
+                ),
+                "Started: sna's enrollment id, its state (`enrolling`) and the node's key.",
+            )
+        },
+        errors={
+            400: ("invalid_request",),
+            409: ("enrollment_exists", "tunnel_configured"),
+            **_ENROLLMENT_ERRORS,
+        },
+        error_extra={"id": STRING, "state": ENROLLMENT_STATE},
+    )
+}
+
+PATHS["/api/v1/enrollment/status"] = {
+    "get": operation(
+        "The node's enrollment with its hub",
+        "Its state and since when, why it failed or was rejected (`reason`), the last "
+        "error of a call being retried, the hub's enrollment id, the node's key and "
+        "fingerprint, where the tunnel goes and the hub's host key fingerprint, and the "
+        "tunnel's last state. `active`: the tunnel authenticated with the key. Never the "
+        "pairing code. With no enrollment only `state` (`not_enrolled`), `since`, "
+        "`reason` and `tunnel`.",
+        operation_id="enrollmentStatus",
+        tag="daemon",
+        ok={
+            200: json_body(
+                obj(
+                    {
+                        "state": ENROLLMENT_STATE,
+                        "since": TIME_S,
+                        "reason": nullable(STRING),
+                        "tunnel": nullable(STRING),
+                        "last_error": nullable(STRING),
+                        "id": STRING,
+                        "enrollment_id": nullable(STRING),
+                        "hub_url": STRING,
+                        "tls_ca_file": nullable(STRING),
+                        "tls_pin_sha256": nullable(STRING),
+                        "plain_http": BOOLEAN,
+                        "vma_name": STRING,
+                        "vma_version": STRING,
+                        "fingerprint": _SSH_FINGERPRINT,
+                        "public_key": STRING,
+                        "ssh_host": STRING,
+                        "ssh_port": _ENROLLMENT_PORT,
+                        "ssh_user": STRING,
+                        "host_key": STRING,
+                        "host_key_fingerprint": _SSH_FINGERPRINT,
+                        "created_at": TIME_S,
+                    },
+                    required=["state", "since", "reason", "tunnel"],
+                    additional=False,
+                ),
+                "The enrollment as it is now.",
+            )
+        },
+    )
+}
+
+PATHS["/api/v1/enrollment"] = {
+    "delete": operation(
+        "Forget the enrollment",
+        "Stops what the enrollment was doing and its tunnel, deletes its record and the "
+        "node's key files. The hub still lists the node until its administrator revokes "
+        "it. `404` when there is no enrollment.",
+        operation_id="forgetEnrollment",
+        tag="daemon",
+        ok={
+            200: json_body(
+                answered(
+                    {
+                        "id": STRING,
+                        "state": {"type": "string", "enum": ["forgotten"]},
+                        "previous_state": ENROLLMENT_STATE,
+                        "enrollment_id": nullable(STRING),
+                        "message": STRING,
+                    },
+                    additionalProperties=False,
+                ),
+                "Forgotten.",
+            )
+        },
+        errors={404: ("not_enrolled",), **_ENROLLMENT_ERRORS},
+    )
+}
+
+# -- replication jobs (POST /api/v1/replicate; sna.jobs.replication) ------------------------
+
+#: ``nbd_target_unreachable``'s ``targets``, as backup/start answers it.
+_BACKUP_502: Schema = PATHS["/api/v1/backup/start"]["post"]["responses"]["502"]
+_UNREACHABLE_TARGETS: Schema = _BACKUP_502["content"][_JSON]["schema"]["properties"]["targets"]
+
+SCHEMAS["Job"]["properties"]["kind"] = {
+    "type": "string",
+    "enum": ["backup", "replication"],
+    "description": "`replication`: a VM of a `POST /api/v1/replicate` request",
+}
+SCHEMAS["Job"]["properties"]["replication"] = nullable(
+    answered(
+        {
+            "replication_id": ref("JobId"),
+            "jobs": {"type": "array", "items": ref("JobId")},
+        },
+        additionalProperties=False,
+        description="A replication job's request `job_id` and the jobs of that request.",
+    )
+)
+SCHEMAS["Job"]["required"] = [*SCHEMAS["Job"]["required"], "kind", "replication"]
+SCHEMAS["JobDisk"]["properties"]["previous_change_id_from"] = {
+    "enum": ["request", "sha", "chain", None]
+}
+
+PATHS["/api/v1/replicate"] = {
+    "post": operation(
+        "Start replication jobs",
+        "The Go SNA's request. One job per VM (`job_id` for one VM, `{job_id}-{n}` for "
+        "several, n from 1 in `vm_paths` order), each run by the backup client like a "
+        "backup into the same targets run after run: in full the first time, then from "
+        "the change IDs sna keeps for each disk and target. Every VM's targets are "
+        "checked and probed before any job starts: a refused request starts nothing. "
+        "`/status`, `/progress`, `/jobs/{job_id}/status` and `/jobs/{job_id}/cancel` "
+        "also take the request's `job_id`.",
+        operation_id="replicate",
+        tag="backups",
+        body=obj(
+            {
+                "job_id": ref("JobId"),
+                "vcenter": text(required=True),
+                "username": text(required=True),
+                "password": secret(),
+                "vcenter_thumbprint": text(
+                    description="SHA-1 or SHA-256 hex digest of vCenter's certificate"
+                ),
+                "vm_paths": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 64,
+                    "items": text(required=True),
+                },
+                "oma_url": {
+                    "type": ["string", "null"],
+                    "description": "taken and not used: sna reports to its `--sha-url`",
+                },
+                "nbd_targets": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 256,
+                    "items": obj(
+                        {
+                            "device_path": text(
+                                required=True, description="`nbd://{host}:{port}/{export}`"
+                            ),
+                            "vmware_disk_key": {
+                                "type": ["string", "integer"],
+                                "description": "the VMware device key of the disk, e.g. 2000",
+                            },
+                            "vm_disk_id": {"type": ["integer", "null"]},
+                            "vm_path": text(
+                                description="the VM of `vm_paths` the disk is of; without it, "
+                                "one VM takes every target, several one each in order"
+                            ),
+                        },
+                        required=["device_path", "vmware_disk_key"],
+                    ),
+                },
+            },
+            required=["job_id", "vcenter", "username", "password", "vm_paths", "nbd_targets"],
+            examples=[
+                {
+                    "job_id": "job-20261126-091203.120-a1b2c3",
+                    "vcenter": "vcenter.example.local",
+                    "username": "administrator@vsphere.local",
+                    "password": "********",
+                    "vm_paths": ["/DC1/vm/pgtest1"],
+                    "oma_url": "http://127.0.0.1:8082",
+                    "nbd_targets": [
+                        {
+                            "device_path": "nbd://127.0.0.1:10100/migration-vol-1",
+                            "vm_disk_id": 0,
+                            "vmware_disk_key": "2000",
+                        }
+                    ],
+                }
+            ],
+        ),
+        ok={
+            200: json_body(
+                answered(
+                    {
+                        "job_id": ref("JobId"),
+                        "status": {"const": "started"},
+                        "vm_count": {"type": "integer", "minimum": 1},
+                        "started_at": TIME_S,
+                        "jobs": {
+                            "type": "array",
+                            "items": answered(
+                                {"job_id": ref("JobId"), "vm_path": STRING, "pid": INTEGER},
+                                additionalProperties=False,
+                            ),
+                        },
+                    },
+                    additionalProperties=False,
+                ),
+                "Every VM's job runs; `jobs` names them, in `vm_paths` order.",
+            )
+        },
+        errors={
+            409: ("job_already_running", "port_in_use"),
+            500: ("backup_client_unavailable",),
+            502: ("nbd_target_unreachable",),
+            503: (
+                "shutting_down",
+                "too_many_jobs",
+                "storage_unavailable",
+                "nbd_target_unreachable",
+            ),
+        },
+        error_extra={"targets": _UNREACHABLE_TARGETS},
     )
 }

@@ -37,7 +37,7 @@ from sna.jobs.model import Job, JobStatus
 from sna.sbc.joblog import probe
 from sna.sha.messages import Message
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -75,6 +75,27 @@ CREATE TABLE IF NOT EXISTS vcenter_pins (
     thumbprint TEXT NOT NULL,
     created_at TEXT NOT NULL,
     PRIMARY KEY (host, port)
+);
+-- Version 5: the node's enrollment with its hub (sna.enrollment), at most one row:
+-- its state and record as JSON.  Never the pairing code.
+CREATE TABLE IF NOT EXISTS enrollment (
+    id         TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+-- Version 6: each replicated disk's last change ID, by vCenter, VM, VMware disk key
+-- and target (host/export): where its next replication starts (sna.jobs.replication).
+CREATE TABLE IF NOT EXISTS replication_chain (
+    vcenter        TEXT NOT NULL,
+    vm_path        TEXT NOT NULL,
+    disk_key       TEXT NOT NULL,
+    target         TEXT NOT NULL,
+    change_id      TEXT NOT NULL,
+    capacity_bytes INTEGER,
+    job_id         TEXT NOT NULL,
+    updated_at     TEXT NOT NULL,
+    PRIMARY KEY (vcenter, vm_path, disk_key, target)
 );
 """
 
@@ -182,6 +203,19 @@ class IPinStore(Interface):
 
     def delete_pin(host: str, port: int) -> None:
         """Forget the pin of this vCenter, if there is one."""
+
+
+class IEnrollmentStore(Interface):
+    """Where the node's enrollment with its hub is kept between runs (:mod:`sna.enrollment`)."""
+
+    def load_enrollment() -> Optional[dict[str, Any]]:
+        """The stored enrollment record, or ``None``."""
+
+    def save_enrollment(record: dict[str, Any]) -> None:
+        """Store ``record`` (with its ``id`` and ``state``), replacing any other."""
+
+    def delete_enrollment() -> None:
+        """Forget the enrollment."""
 
 
 #: SQLite's result code for "database or disk is full".
@@ -360,6 +394,30 @@ class SQLiteJobStore:
             with self._failing("close the job database"):
                 db.close()
 
+    # -- the replication change-ID chain (IChainStore, sna.jobs.replication) ----
+
+    def chain_rows(self, vcenter: str, vm_path: str) -> list[ChainRow]:
+        with self._failing("read the job database"):
+            rows = self._conn().execute(
+                "SELECT vcenter, vm_path, disk_key, target, change_id, capacity_bytes, job_id,"
+                " updated_at FROM replication_chain WHERE vcenter = ? AND vm_path = ?"
+                " ORDER BY updated_at DESC, disk_key, target",
+                (vcenter, vm_path),
+            )
+            return [ChainRow(*row) for row in rows]
+
+    def chain_save(self, rows: Sequence[ChainRow]) -> None:
+        with self._failing("write the job database"):
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT OR REPLACE INTO replication_chain (vcenter, vm_path, disk_key,"
+                    " target, change_id, capacity_bytes, job_id, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [attrs.astuple(row) for row in rows],
+                )
+
     # -- vCenter pins (IPinStore) ------------------------------------------
 
     def load_pins(self) -> list[PinRow]:
@@ -383,8 +441,67 @@ class SQLiteJobStore:
                 "DELETE FROM vcenter_pins WHERE host = ? AND port = ?", (host, port)
             )
 
+    # -- the enrollment with the hub (IEnrollmentStore) ------------------------
+
+    def load_enrollment(self) -> Optional[dict[str, Any]]:
+        with self._failing("read the job database"):
+            row = (
+                self._conn()
+                .execute("SELECT record FROM enrollment ORDER BY updated_at DESC LIMIT 1")
+                .fetchone()
+            )
+            return None if row is None else dict(json.loads(row[0]))
+
+    def save_enrollment(self, record: dict[str, Any]) -> None:
+        with self._failing("write the job database"):
+            db = self._conn()
+            with db:
+                db.execute("BEGIN")
+                # One enrollment at a time: a new one replaces any other.
+                db.execute("DELETE FROM enrollment WHERE id != ?", (record["id"],))
+                db.execute(
+                    "INSERT OR REPLACE INTO enrollment (id, state, updated_at, record)"
+                    " VALUES (?, ?, ?, ?)",
+                    (record["id"], record["state"], _now(), json.dumps(record)),
+                )
+
+    def delete_enrollment(self) -> None:
+        with self._failing("write the job database"):
+            self._conn().execute("DELETE FROM enrollment")
+
 
 classImplements(SQLiteJobStore, IPinStore)
+classImplements(SQLiteJobStore, IEnrollmentStore)
+
+
+# -- the replication change-ID chain (sna.jobs.replication) ---------------------
+
+
+@attrs.frozen
+class ChainRow:
+    """A replicated disk's last change ID, and what it was taken for."""
+
+    vcenter: str
+    vm_path: str
+    disk_key: str
+    target: str
+    change_id: str
+    capacity_bytes: Optional[int]
+    job_id: str
+    updated_at: str
+
+
+class IChainStore(Interface):
+    """Where the replication change-ID chain is kept (:mod:`sna.jobs.replication`)."""
+
+    def chain_rows(vcenter: str, vm_path: str) -> list[ChainRow]:
+        """Every row of a VM, newest first."""
+
+    def chain_save(rows: Sequence[ChainRow]) -> None:
+        """Store ``rows`` in one transaction, each replacing the row of its key."""
+
+
+classImplements(SQLiteJobStore, IChainStore)
 
 
 def _now() -> str:
