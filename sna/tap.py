@@ -459,6 +459,7 @@ def makeService(config: Options, reactor: Optional[Any] = None) -> IService:
         store.outbox_counts if config["sha-url"] else None,
         jobs=lambda: manager.jobs(),
         tunnel=tunnel.state,
+        snapshots_pending=lambda: len(manager.snapshots_pending()),
     )
     pool = ThreadPool(minthreads=0, maxthreads=VSPHERE_THREADS, name="sna-vsphere")
     # vCenter certificates operators pinned (sna-ctl vcenter trust): used by the

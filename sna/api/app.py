@@ -399,6 +399,8 @@ class SnaAPI:
             "jobs": counts,
             "running_jobs": counts[JobStatus.RUNNING.value],
             "max_jobs": self._manager.settings.max_jobs,
+            # Not a degradation: the janitor is on it; an operator alerts on how long.
+            "snapshots_pending": len(self._manager.snapshots_pending()),
             "tunnel": render_tunnel.summary(tunnel),
         }
         return json_response(request, body)

@@ -1109,6 +1109,7 @@ PATHS["/api/v1/health"] = {
                         ),
                         "running_jobs": COUNT,
                         "max_jobs": {"type": "integer", "minimum": 1},
+                        "snapshots_pending": COUNT,
                     },
                     additionalProperties=False,
                     examples=[
@@ -1128,6 +1129,7 @@ PATHS["/api/v1/health"] = {
                             },
                             "running_jobs": 1,
                             "max_jobs": 8,
+                            "snapshots_pending": 0,
                         }
                     ],
                 ),

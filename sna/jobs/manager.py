@@ -540,6 +540,10 @@ class JobManager:
         counted = Counter(j.status for j in self._all())
         return {status.value: counted.get(status, 0) for status in JobStatus}
 
+    def snapshots_pending(self) -> list[str]:
+        """The ended jobs whose snapshot is still on its VM until the janitor removes it."""
+        return self._janitor.pending() if self._janitor is not None else []
+
     def active_jobs(self) -> list[Job]:
         return [j for j in self._all() if j.status.active]
 

@@ -196,6 +196,22 @@ class _TunnelCollector(Collector):
         yield states
 
 
+class _SnapshotCollector(Collector):
+    """Snapshots ended jobs left on their VMs, until the janitor has removed them."""
+
+    def __init__(self, pending: Callable[[], int]) -> None:
+        self._pending = pending
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "sna_snapshots_pending",
+            "Snapshots of ended jobs still on their VMs: the janitor retries their removal "
+            "(each grows a delta disk on the datastore while it stays).",
+        )
+        pending.add_metric([], self._pending())
+        yield pending
+
+
 class Metrics:
     """The daemon's registry, and the counters other parts increment."""
 
@@ -208,10 +224,13 @@ class Metrics:
         jobs: Optional[Callable[[], Iterable[Job]]] = None,
         process: bool = True,
         tunnel: Optional[Callable[[], TunnelState]] = None,
+        snapshots_pending: Optional[Callable[[], int]] = None,
     ) -> None:
         self.registry = CollectorRegistry()
         if tunnel is not None:
             self.registry.register(_TunnelCollector(tunnel))
+        if snapshots_pending is not None:
+            self.registry.register(_SnapshotCollector(snapshots_pending))
         #: The job records, for each VM's last success at a scrape (kept since in
         #: ``_last_success``, so a record forgotten meanwhile does not take it back).
         self._jobs = jobs

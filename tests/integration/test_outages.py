@@ -38,6 +38,7 @@ from tests.integration.backup_helpers import (
 )
 from tests.integration.harness import Daemon, JobIds, wait_for
 from tests.integration.test_backup_client import Run, run_client
+from tests.integration.test_nbd_jobs import metric
 from tests.testbed import Testbed, testbed_fixture
 from tests.testbed.procs import Paused
 
@@ -293,6 +294,9 @@ def test_a_snapshot_the_client_could_not_remove_is_pending_until_the_janitor_has
         assert final["snapshot"]["name"] == f"sbak-{job}", final
         assert "could not be removed" in final["snapshot"]["reason"], final
         assert not final["snapshot"]["needs_credentials"], final
+        # An operator sees it without knowing the job: /health and /metrics count it.
+        assert sna.api.get("/api/v1/health").json()["snapshots_pending"] == 1
+        assert metric(sna, "sna_snapshots_pending") == 1
         wait_for(lambda: client_gone(started["pid"], job), "the failed client to be reaped")
     # vCenter answers again: the janitor's attempt goes through, or its next one.
     removed = wait_for(
@@ -307,6 +311,8 @@ def test_a_snapshot_the_client_could_not_remove_is_pending_until_the_janitor_has
     assert removed["removed_by"] == "sna", removed
     assert removed["removal_attempts"] >= 1, removed
     assert snapshots(tb, "e2evc") == []
+    assert sna.api.get("/api/v1/health").json()["snapshots_pending"] == 0
+    assert metric(sna, "sna_snapshots_pending") == 0
 
 
 def test_a_killed_vcenter_leaves_the_snapshot_pending_and_the_janitor_trying(

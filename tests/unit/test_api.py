@@ -456,6 +456,7 @@ def test_health_uptime_is_real(harness: Harness) -> None:
     assert body["uptime_seconds"] == 3725
     assert body["jobs"]["running"] == 0
     assert body["version"]
+    assert body["snapshots_pending"] == 0
 
 
 def test_config_is_applied_and_persisted(harness: Harness) -> None:
