@@ -436,10 +436,20 @@ def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
         ("version", str(answer.get("version"))),
         ("uptime", str(answer.get("uptime"))),
         ("jobs", f"{jobs} (at most {answer.get('max_jobs', '?')} at once)"),
-        ("url", client.settings.url),
     ]
+    if answer.get("snapshots_pending"):
+        rows.append(("snapshots", f"{answer['snapshots_pending']} pending removal"))
+    tunnel = answer.get("tunnel") or {}
+    if tunnel.get("configured"):
+        text = f"{tunnel.get('state')} since {tunnel.get('since')}"
+        if tunnel.get("reconnects"):
+            text += f", {tunnel['reconnects']} reconnects"
+        if tunnel.get("reason"):
+            text += f": {tunnel['reason']}"
+        rows.append(("tunnel", text))
+    rows.append(("url", client.settings.url))
     for name, value in rows:
-        out.line(f"{name:<8} {fmt.printable(value)}")
+        out.line(f"{name:<9} {fmt.printable(value)}")
     return EXIT_OK if healthy else EXIT_API
 
 

@@ -179,9 +179,11 @@ def test_health_and_what_each_exit_status_means(sna: Daemon, home: Path) -> None
     done = run_ctl(["health"], env)
     assert done.returncode == 0, done
     lines = done.stdout.splitlines()
-    assert lines[0] == "status   healthy"
-    assert lines[1].startswith("version  ") and lines[2].startswith("uptime   ")
-    assert re.match(r"jobs     \d+ running, \d+ completed, ", lines[3])
+    assert lines[0] == "status    healthy"
+    assert lines[1].startswith("version   ") and lines[2].startswith("uptime    ")
+    assert re.match(r"jobs      \d+ running, \d+ completed, ", lines[3])
+    # No tunnel configured and no snapshot pending: neither is spoken of.
+    assert lines[4] == f"url       http://127.0.0.1:{sna.port}", lines
     assert json.loads(run_ctl(["--json", "health"], env).stdout)["status"] == "healthy"
     # Nothing listens on port 1 of loopback: 3, but for health, whose check it fails (1).
     down = run_ctl(["jobs", "--url", "http://127.0.0.1:1"], env)

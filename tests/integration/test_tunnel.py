@@ -20,6 +20,7 @@ import pytest_twisted
 
 from tests.integration.harness import Daemon, targets, wait_for
 from tests.integration.sshhub import REVERSE_PORT, SshHub, missing_tools
+from tests.integration.test_ctl import ctl_env, run_ctl
 
 #: How many NBD ports the shifted tests forward.
 SMALL_RANGE = 4
@@ -172,7 +173,7 @@ def test_tunnel_up_carries_nbd_bytes_and_the_hub_reaches_the_api(
 
 
 def test_sshd_killed_and_restarted_reconnects(
-    hub_factory: Callable[..., SshHub], daemon_factory: Callable[..., Daemon]
+    hub_factory: Callable[..., SshHub], daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     nbd, api = free_ports(SMALL_RANGE)
     hub = hub_factory(nbd, api)
@@ -185,6 +186,10 @@ def test_sshd_killed_and_restarted_reconnects(
     health = daemon.api.get("/api/v1/health").json()
     assert health["status"] == "degraded" and "the tunnel to the hub is not up" in health["reason"]
     assert metric(daemon, "sna_tunnel_up") == 0
+    # The operator's console says so too, and fails the check.
+    told = run_ctl(["health"], ctl_env(daemon, tmp_path))
+    assert told.returncode == 1, told
+    assert re.search(r"^tunnel    down since \S+: ssh exited", told.stdout, re.M), told.stdout
     hub.start_sshd()
     again = wait_state(daemon, "up")
     assert again["reconnects"] >= 1 and again["pid"] != first["pid"]

@@ -262,6 +262,14 @@
     setText($("health-uptime"), clock(health.uptime_seconds));
     state.maxJobs = health.max_jobs;
     setText($("health-running"), `${health.running_jobs} of ${health.max_jobs}`);
+    const tunnel = health.tunnel || {};
+    $("health-tunnel-row").hidden = !tunnel.configured;
+    if (tunnel.configured) {
+      setText($("health-tunnel"), tunnel.state + (tunnel.reason ? `: ${tunnel.reason}` : ""));
+      $("health-tunnel").className = tunnel.state === "up" ? "" : "bad";
+    }
+    $("health-snapshots-row").hidden = !health.snapshots_pending;
+    setText($("health-snapshots"), String(health.snapshots_pending || 0));
   }
 
   // -- running jobs ---------------------------------------------------------------
