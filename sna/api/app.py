@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from sna import __version__
 from sna.api import openapi, render
-from sna.api.http import ApiError, json_response, read_json_object
+from sna.api.http import ApiError, PathConverter, json_response, read_json_object
 from sna.api.joblog_route import JobLogs
 from sna.api.replicate import parse_replicate_request
 from sna.api.validation import (
@@ -106,6 +106,8 @@ class SnaAPI:
     # "//" in a path is a 404, not a redirect to the merged path (werkzeug's
     # default answers 308 without the Location our JSON errors would need).
     app.url_map.merge_slashes = False
+    # A control character in a {vm_path} is named (400), not left unmatched (404).
+    app.url_map.converters["path"] = PathConverter
     log = Logger()
 
     def __init__(

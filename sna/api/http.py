@@ -12,9 +12,12 @@ each refusal is a JSON error that names the limit:
   :attr:`ConnectionLimits.request_timeout` of its first byte, however slowly
   the bytes trickle in (408 ``request_timeout``);
 - sizes: :data:`MAX_REQUEST_LINE` (414), :data:`MAX_HEADER_BYTES` and
-  :data:`MAX_HEADERS` (431), :data:`MAX_BODY` (413);
+  :data:`MAX_HEADERS` (431), :data:`MAX_BODY` (413, also as soon as a chunk
+  declares more than is left of it);
 - framing: a bad request line, header, ``Content-Length`` or chunked body is
   a 400 naming it, never Twisted's bare ``400 Bad Request`` or a silent close;
+  lines end in CR LF, and a bare LF is such a 400 the moment it arrives;
+- methods are case-sensitive: one with a lower-case letter is none of sna's (501);
 - JSON bodies: :data:`MAX_JSON_DEPTH` levels of nesting, integers within
   64 bits, finite floats, UTF-8.
 
@@ -33,6 +36,7 @@ from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
 import attrs
+import werkzeug.routing
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -347,9 +351,18 @@ class ApiChannel(HTTPChannel):
                 self.site.limits.request_timeout, self._too_slow
             )
         super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self.line_mode and b"\n" in data and not self._busyReceiving and not self._closing:
+            # Lines are split at CR LF, so the line still waiting for one (the
+            # request line or a header) can only hold a bare LF: say so now
+            # rather than wait for a CR LF the client will never send.
+            if b"\n" in self._buffer.partition(b"\r\n")[0]:
+                self._bare_lf()
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
+            return
+        if b"\n" in line:
+            self._bare_lf()
             return
         if self._awaiting_request_line:
             if line:
@@ -391,6 +404,18 @@ class ApiChannel(HTTPChannel):
             "request_line_too_long",
             f"the request line is longer than {MAX_REQUEST_LINE} bytes",
         )
+
+    def _bare_lf(self) -> None:
+        # RFC 9112 2.2 lets a server take a bare LF as a line end; Twisted's
+        # parser does not (nor does its chunked decoder), and a server that
+        # splits lines differently from a proxy in front of it is how requests
+        # are smuggled.  So it is refused, at once.
+        if self._awaiting_request_line:
+            self.refuse(
+                400, "bad_request_line", "the request line ends in a bare LF; lines end in CR LF"
+            )
+        else:
+            self.refuse(400, "bad_header", "a header line ends in a bare LF; lines end in CR LF")
 
     def _request_line_ok(self, line: bytes) -> bool:
         if len(line) > MAX_REQUEST_LINE:
@@ -485,6 +510,20 @@ class ApiChannel(HTTPChannel):
         if not self._busy:
             self._context = "chunked body" if self._framing == b"transfer-encoding" else "body"
         super().rawDataReceived(data)
+        if not self._busy and not self._closing and self._framing == b"transfer-encoding":
+            self._check_declared_chunk()
+
+    def _check_declared_chunk(self) -> None:
+        """Refuse a chunked body as soon as a chunk-size line declares more than
+        is left of :data:`MAX_BODY`, before any of that chunk's bytes arrive."""
+        decoder = self._transferDecoder
+        # While a chunk is being read, the decoder's ``length`` is what is still
+        # to come of it (Twisted's _ChunkedTransferDecoder).
+        if decoder is None or getattr(decoder, "state", None) != "BODY":
+            return
+        request = self.requests[-1]
+        if isinstance(request, ApiRequest) and request.declares_too_much(decoder.length):
+            self.refuse(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
 
     def allContentReceived(self) -> None:
         if self._closing:
@@ -624,13 +663,20 @@ class ApiRequest(Request):
     in JSON what Twisted and Klein would answer in HTML.
 
     A declared ``Content-Length`` over the limit is refused by the channel
-    before any of the body arrives; a chunked body that grows over it ends
-    the connection with 413 as soon as it does.
+    before any of the body arrives; a chunked body that grows over it, or
+    whose chunk-size line declares more than is left, ends the connection
+    with 413 as soon as it does.
     """
 
     max_body = MAX_BODY
     body_too_large = False
     _received = 0
+
+    def declares_too_much(self, pending: int) -> bool:
+        """Whether ``pending`` more bytes, declared but not received, pass the limit."""
+        if self._received + pending > self.max_body:
+            self.body_too_large = True
+        return self.body_too_large
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -654,6 +700,15 @@ class ApiRequest(Request):
 
     def _problem(self) -> Optional[tuple[int, str, str]]:
         """What makes this request unanswerable by any route, if anything."""
+        if self.method != self.method.upper():
+            # werkzeug upper-cases the method before matching, which would
+            # serve "get" as GET; RFC 9110 9.1: methods are case-sensitive.
+            return (
+                501,
+                "method_not_implemented",
+                f"{_text(self.method[:40])} is not a method sna implements; methods are "
+                "case-sensitive and all of sna's are upper-case",
+            )
         if self.path == b"*":
             method = _text(self.method)
             return 405, "method_not_allowed", f"{method} is not allowed on *"
@@ -712,6 +767,17 @@ def make_site(
     reactor: Optional[IReactorTime] = None,
 ) -> ApiSite:
     return ApiSite(resource, limits, reactor)
+
+
+class PathConverter(werkzeug.routing.PathConverter):
+    """``<path:...>`` that takes every character, a line feed too.
+
+    werkzeug's matches with ``.``, which stops at a newline, so a ``%0a`` in a
+    VM path took no route (404) where the route's own check names the field
+    and the character (400).
+    """
+
+    regex = r"[^/][\s\S]*?"
 
 
 # -- JSON bodies ---------------------------------------------------------------

@@ -566,6 +566,48 @@ FRAMING = [
         "body_too_large",
         "1048576",
     ),
+    # Issue 11's findings: each once waited for the 408, was served or took no route.
+    (
+        "chunk-declares-too-much",
+        b"POST /api/v1/backup/start HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
+        b"100001\r\n",
+        413,
+        "body_too_large",
+        "1048576",
+    ),
+    (
+        "lower-case-method",
+        b"get /api/v1/health HTTP/1.1\r\n",
+        b"",
+        501,
+        "method_not_implemented",
+        "case-sensitive",
+    ),
+    (
+        "lower-case-post",
+        b"post /api/v1/backup/start HTTP/1.1\r\nContent-Length: 2\r\n",
+        b"{}",
+        501,
+        "method_not_implemented",
+        "post",
+    ),
+    (
+        "lf-in-vm-path",
+        b"GET /api/v1/vms/a%0ab/cbt-status HTTP/1.1\r\n"
+        b"X-vCenter-Host: 127.0.0.1:1\r\nX-vCenter-User: u\r\nX-vCenter-Password: p\r\n",
+        b"",
+        400,
+        "invalid_request",
+        "vm_path",
+    ),
+    (
+        "lf-in-vm-path-enable-cbt",
+        b"POST /api/v1/vms/DC1/vm/a%0Ab/enable-cbt HTTP/1.1\r\nContent-Length: 60\r\n",
+        b'{"vcenter": "127.0.0.1:1", "username": "u", "password": "p"}',
+        400,
+        "invalid_request",
+        "vm_path",
+    ),
 ]
 
 
@@ -582,6 +624,27 @@ def test_every_answer_is_json_naming_what_was_wrong(
         head += b"Host: sna\r\n"
     answer = raw_exchange(hostile.port, head + b"Connection: close\r\n\r\n" + body)
     is_json_error(answer, status, error, word)
+    untouched.check()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/v1/health HTTP/1.1\n",
+        b"GET /api/v1/health HTTP/1.1\nHost: sna\nConnection: close\n\n",
+        b"GET /api/v1/health HTTP/1.1\r\nHost: sna\nConnection: close\n\n",
+    ],
+    ids=["request-line", "every-line", "header"],
+)
+def test_a_bare_lf_is_answered_not_left_waiting(hostile: Daemon, request_bytes: bytes) -> None:
+    """Nothing more is sent: the answer must come from the LF, not from the request timeout."""
+    untouched = Untouched(hostile)
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=60) as sock:
+        sock.sendall(request_bytes)
+        answer = read_answer(sock)
+    error = "bad_request_line" if request_bytes.count(b"\r") == 0 else "bad_header"
+    body = is_json_error(answer, 400, error, "bare LF")
+    assert "field" not in body
     untouched.check()
 
 

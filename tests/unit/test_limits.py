@@ -755,6 +755,12 @@ def test_a_password_may_hold_anything_but_nul(harness: Harness) -> None:
     ("method", "path", "body", "field"),
     [
         ("GET", "/api/v1/vms/DC1/vm/x%1b%5B2J/cbt-status", None, "vm_path"),
+        # A LF inside the path once took no route (404): werkzeug's path converter
+        # matched with "." and so stopped at a newline.
+        ("GET", "/api/v1/vms/a%0ab/cbt-status", None, "vm_path"),
+        ("GET", "/api/v1/vms/DC1/vm/x%0A/cbt-status", None, "vm_path"),
+        ("POST", "/api/v1/vms/DC1%0a/vm/x/enable-cbt", "creds", "vm_path"),
+        ("POST", "/api/v1/vms/DC1/vm/a%0ab/enable-cbt", "creds", "vm_path"),
         ("POST", "/api/v1/vms/DC1/vm/x%07/enable-cbt", "creds", "vm_path"),
         ("POST", "/api/v1/vm/vm-1%0d/power-off", "creds", "vm_id"),
         ("GET", "/api/v1/vm/vm-1%0a/power-state", None, "vm_id"),
@@ -787,3 +793,116 @@ def test_control_characters_on_other_routes(
     answer = json.loads(result_of(response.content()))
     assert (response.code, answer.get("field")) == (400, field), answer
     assert harness.vsphere.calls == []
+
+
+# -- the edges found by the hostile tests (issue 11) ------------------------------------
+
+
+def test_a_chunk_declaring_more_than_the_limit_is_413_at_once(site: ApiSite, held: Held) -> None:
+    """The chunk-size line alone says the body will be too large: no waiting for the bytes."""
+    client = Client(site)
+    client.send(b"POST /hold HTTP/1.1\r\nHost: sna\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"%x\r\n" % (MAX_BODY + 1))
+    answer = client.answer()
+    assert answer is not None, "a chunk declaring more than the body limit was waited for"
+    refused(answer, 413, "body_too_large", str(MAX_BODY))
+    assert client.closing and answer.headers["Connection"] == "close"
+    assert not held.held
+
+
+def test_chunks_declaring_more_than_the_limit_together_are_413(site: ApiSite, held: Held) -> None:
+    client = Client(site)
+    client.send(b"POST /hold HTTP/1.1\r\nHost: sna\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"400\r\n" + b"x" * 0x400 + b"\r\n")
+    assert client.answer() is None
+    client.send(b"%x;ext=1\r\n" % (MAX_BODY - 0x400 + 1))
+    answer = client.answer()
+    assert answer is not None
+    refused(answer, 413, "body_too_large", str(MAX_BODY))
+    assert not held.held
+
+
+def test_a_chunk_declaring_the_limit_itself_is_read(site: ApiSite) -> None:
+    client = Client(site)
+    client.send(b"POST /a HTTP/1.1\r\nHost: sna\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"%x\r\n" % MAX_BODY)
+    assert client.answer() is None and not client.closing
+    client.send(b"x" * MAX_BODY + b"\r\n0\r\n\r\n")
+    answer = client.answer()
+    assert answer is not None and answer.status == 200, answer
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"GET /a HTTP/1.1\n", "bad_request_line"),
+        (b"GET /a HTTP/1.1\nHost: sna\n\n", "bad_request_line"),
+        (b"GET /a HTTP/1.1\nHost: sna\r\n\r\n", "bad_request_line"),
+        (b"\r\nGET /a HTTP/1.1\n", "bad_request_line"),
+        (b"GET /a HTTP/1.1\r\nHost: sna\n", "bad_header"),
+        (b"GET /a HTTP/1.1\r\nHost: sna\n\r\n", "bad_header"),
+        (b"GET /a HTTP/1.1\r\nHost: sna\r\n\n", "bad_header"),
+    ],
+    ids=[
+        "request-line",
+        "all-lines",
+        "request-line-then-crlf",
+        "after-empty-line",
+        "header",
+        "header-then-crlf",
+        "end-of-headers",
+    ],
+)
+def test_a_bare_lf_is_refused_at_once(site: ApiSite, raw: bytes, error: str) -> None:
+    """Lines end in CR LF, as Twisted's parser reads them; a bare LF is a 400 at once,
+    not a request left waiting for a CR LF that will never come."""
+    client = Client(site)
+    client.send(raw)
+    answer = client.answer()
+    assert answer is not None, f"no answer to {raw!r}"
+    refused(answer, 400, error, "bare LF")
+    assert client.closing
+
+
+def test_cr_lf_split_between_reads_is_one_line_end(site: ApiSite) -> None:
+    client = Client(site)
+    for piece in (b"GET /a HTTP/1.1\r", b"\nHost: sna\r", b"\n\r", b"\n"):
+        assert client.answer() is None
+        client.send(piece)
+    answer = client.answer()
+    assert answer is not None and answer.status == 200, answer
+
+
+def test_a_lf_in_a_body_is_the_bodys_business(site: ApiSite) -> None:
+    """Bodies (and the next request behind one) are not lines: a LF there is data."""
+    client = Client(site)
+    first = b"POST /a HTTP/1.1\r\nHost: sna\r\nContent-Length: 3\r\n\r\na\nb"
+    chunked = (
+        b"POST /b HTTP/1.1\r\nHost: sna\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\n\n\n\n\r\n0\r\n\r\n"
+    )
+    client.send(first + chunked + b"GET /c HTTP/1.1\r\nHost: sna\r\n\r\n")
+    answers = client.transport.value()
+    assert answers.count(b"HTTP/1.1 200 OK") == 3, answers
+    assert not client.closing
+
+
+@pytest.mark.parametrize("method", [b"get", b"Get", b"post", b"head", b"options", b"foo"])
+def test_a_method_is_case_sensitive(api_site: ApiSite, harness: Harness, method: bytes) -> None:
+    """RFC 9110 9.1: ``get`` is not ``GET``; no method of sna's has a lower-case letter."""
+    client = Client(api_site)
+    body = json.dumps(backup_body()).encode()
+    client.send(
+        method + b" /api/v1/backup/start HTTP/1.1\r\nHost: sna\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    answer = client.answer()
+    assert answer is not None
+    refused(answer, 501, "method_not_implemented", method.decode(), "case-sensitive")
+    assert harness.manager.jobs() == []
+    # The request was well-formed HTTP: the connection goes on.
+    assert not client.closing
+    client.transport.clear()
+    client.request("GET", "/api/v1/health")
+    again = client.answer()
+    assert again is not None and again.status == 200
