@@ -87,7 +87,7 @@ GENERIC_ERRORS: dict[int, tuple[str, ...]] = {
     414: ("request_line_too_long",),
     431: ("headers_too_large",),
     500: ("internal_error",),
-    501: ("unsupported_transfer_encoding",),
+    501: ("unsupported_transfer_encoding", "method_not_implemented"),
     503: ("too_many_connections",),
     505: ("http_version_not_supported",),
 }
@@ -110,7 +110,7 @@ _REASONS = {
     415: "The body is not JSON.",
     431: "The headers are too large or too many.",
     500: "A bug (see the daemon's log), or the backup client cannot be started.",
-    501: "A Transfer-Encoding other than chunked.",
+    501: "A Transfer-Encoding other than chunked, or a method with a lower-case letter.",
     502: "An upstream (vCenter, an NBD target, the SHA) failed.",
     503: "Too busy, shutting down, or out of storage; try again later.",
     504: "vCenter did not answer in time.",
@@ -742,7 +742,7 @@ PATHS["/api/v1/backup/start"] = {
             )
         },
         errors={
-            409: ("job_already_running", "port_in_use"),
+            409: ("job_already_running", "port_in_use", "snapshot_pending"),
             500: ("backup_client_unavailable",),
             502: ("nbd_target_unreachable", "sha_lookup_failed"),
             503: (
@@ -2327,7 +2327,7 @@ PATHS["/api/v1/replicate"] = {
             )
         },
         errors={
-            409: ("job_already_running", "port_in_use"),
+            409: ("job_already_running", "port_in_use", "snapshot_pending"),
             500: ("backup_client_unavailable",),
             502: ("nbd_target_unreachable",),
             503: (

@@ -19,6 +19,15 @@ those given to ``POST /api/v1/cleanup``, :meth:`SnapshotJanitor.offer`), and
 is retried with those.  A snapshot whose credentials vCenter refuses waits
 the same way.  Only the job's own snapshot names are ever removed.
 
+Before a new job.  A snapshot still pending on a VM breaks the next backup
+of that VM (its client would read the delta disk the old snapshot left), so
+a new job of the same VM (same vCenter and VM path, another job id) first
+has the janitor remove it (:meth:`SnapshotJanitor.clear_for`): with the new
+request's credentials, at once rather than at the next scheduled attempt
+(an attempt already under way is waited for instead), and for at most
+:data:`CLEAR_WITHIN` seconds.  What is still there then is the manager's
+reason to refuse the job.
+
 This module writes no record itself (the manager does, through ``record``)
 and never touches a job's client.
 """
@@ -31,7 +40,7 @@ from typing import Any, Optional
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +58,10 @@ from sna.vmware.interface import (
 
 #: The first pause before the janitor tries again, then doubled up to the second.
 RETRY_DELAYS = (5.0, 600.0)
+
+#: How long a new job waits for the removal of a pending snapshot of its VM: as long
+#: as one vCenter call may take (sna.vmware.sessions.CALL_TIMEOUT).
+CLEAR_WITHIN = 60.0
 
 #: Failures that another attempt with the same credentials cannot mend.
 _CREDENTIALS_REFUSED = (AuthenticationFailed, PermissionDenied, CertificateRejected)
@@ -90,6 +103,16 @@ class _Pending:
     attempt: Optional[Deferred[None]] = None
 
 
+@attrs.frozen
+class Leftover:
+    """A pending snapshot still on the VM a new job is to back up, and why."""
+
+    job_id: str
+    vm_path: str
+    name: str
+    reason: str
+
+
 def _who(vcenter_host: str, user: str) -> Optional[_Who]:
     try:
         host, port = parse_address(vcenter_host, "vcenter_host")
@@ -117,7 +140,8 @@ class SnapshotJanitor(Service):
     """Retries the removal of every pending job snapshot; a service for its timers.
 
     ``record`` is the job manager's (the only writer of job records);
-    ``delays`` the first and the longest pause between two attempts.
+    ``delays`` the first and the longest pause between two attempts;
+    ``clear_within`` how long :meth:`clear_for` waits for vCenter.
     ``vm_busy(vm_path)`` names the job that
     is backing up that VM now, if one is: as ``POST /cleanup`` does, the
     janitor leaves such a VM alone until that job has ended.
@@ -133,6 +157,7 @@ class SnapshotJanitor(Service):
         record: Record,
         delays: tuple[float, float] = RETRY_DELAYS,
         vm_busy: Callable[[str], Optional[str]] = lambda vm_path: None,
+        clear_within: float = CLEAR_WITHIN,
     ) -> None:
         self._vsphere = vsphere
         self._clock = clock
@@ -140,6 +165,7 @@ class SnapshotJanitor(Service):
         self._record = record
         self._vm_busy = vm_busy
         self._first_delay, self._longest_delay = delays
+        self._clear_within = clear_within
         self._pending: dict[str, _Pending] = {}
         self._stopped = False
 
@@ -206,6 +232,109 @@ class SnapshotJanitor(Service):
                 )
                 self._attempt(entry)
 
+    def clear_for(self, request: BackupRequest) -> Deferred[list[Leftover]]:
+        """Remove the pending snapshots of ``request``'s VM before its job starts.
+
+        Each is tried now with ``request``'s credentials (one under way is
+        waited for first), within ``clear_within`` seconds in all.  Fires
+        with the ones still on the VM then (none: the job may start); never
+        fails.  An attempt vCenter has not answered by then goes on, and its
+        retries after it, as for any pending snapshot.  A pending snapshot
+        of the same job id is left to its client (:meth:`job_started`).
+        """
+        credentials = credentials_of(request)
+        if credentials is None:
+            return succeed([])
+        vcenter = (credentials.host.lower(), credentials.port)
+        entries = [
+            entry
+            for entry in self._pending.values()
+            if entry.job_id != request.job_id
+            and entry.vm_path == request.vm_path
+            and entry.who is not None
+            and (entry.who.host, entry.who.port) == vcenter
+        ]
+        if not entries:
+            return succeed([])
+        deadline = self._clock.seconds() + self._clear_within
+        for entry in entries:
+            self.log.info(
+                "job {job_id} is to back up VM {vm_path}: removing snapshot {name} of "
+                "job {old_job_id} first",
+                job_id=request.job_id,
+                vm_path=entry.vm_path,
+                name=entry.state.name,
+                old_job_id=entry.job_id,
+            )
+        tries = [
+            Deferred.fromCoroutine(self._clear(entry, credentials, deadline)) for entry in entries
+        ]
+
+        def left(results: list[tuple[bool, Any]]) -> list[Leftover]:
+            leftovers = []
+            for entry, (ok, result) in zip(entries, results, strict=True):
+                if not ok:
+                    self.log.failure(
+                        "job {job_id}: removing its snapshot", result, job_id=entry.job_id
+                    )
+                    result = self._leftover(entry, f"internal error: {result.getErrorMessage()}")
+                if result is not None:
+                    leftovers.append(result)
+            return leftovers
+
+        return DeferredList(tries, consumeErrors=True).addCallback(left)
+
+    async def _clear(
+        self, entry: _Pending, credentials: Credentials, deadline: float
+    ) -> Optional[Leftover]:
+        """One pending snapshot tried now; what is left of it at ``deadline``, or None."""
+        if entry.attempt is not None:
+            await self._until(entry.attempt, deadline)
+        if self._pending.get(entry.job_id) is entry and entry.attempt is None:
+            if self._stopped:
+                return self._leftover(entry, "sna is shutting down")
+            if self._clock.seconds() < deadline:
+                if entry.call is not None and entry.call.active():
+                    entry.call.cancel()
+                # The new request's credentials: its own client is about to use them.
+                entry.credentials = credentials
+                await self._until(self._attempt(entry), deadline)
+        if self._pending.get(entry.job_id) is not entry:
+            return None
+        if entry.attempt is not None:
+            return self._leftover(
+                entry,
+                f"vCenter did not answer within {self._clear_within:g} s (the removal goes on)",
+            )
+        return self._leftover(entry, entry.state.reason or "not removed")
+
+    def _until(self, attempt: Deferred[None], deadline: float) -> Deferred[None]:
+        """Fires when ``attempt`` has or at ``deadline``, whichever comes first; never
+        cancels it (its end is the janitor's to record)."""
+        waited: Deferred[None] = Deferred()
+        remaining = deadline - self._clock.seconds()
+        if remaining <= 0:
+            return succeed(None)
+
+        def fire() -> None:
+            if not waited.called:
+                waited.callback(None)
+
+        timer = self._clock.callLater(remaining, fire)
+
+        def ended(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            fire()
+            return result
+
+        attempt.addBoth(ended)
+        return waited
+
+    @staticmethod
+    def _leftover(entry: _Pending, reason: str) -> Leftover:
+        return Leftover(entry.job_id, entry.vm_path, entry.state.name, reason)
+
     def pending(self) -> list[str]:
         """The job ids whose snapshot removal is pending, for logs and tests."""
         return sorted(self._pending)
@@ -264,10 +393,10 @@ class SnapshotJanitor(Service):
             )
             return succeed(None)
         d = self._vsphere.remove_job_snapshots(credentials, entry.vm_path, entry.job_id)
-        attempt: Deferred[None] = d.addCallbacks(
-            self._removed, self._failed, callbackArgs=(entry,), errbackArgs=(entry,)
-        )
+        # Kept before its callbacks run: an answer at once must still clear it.
+        attempt: Deferred[None] = d  # type: ignore[assignment]
         entry.attempt = attempt
+        d.addCallbacks(self._removed, self._failed, callbackArgs=(entry,), errbackArgs=(entry,))
         return attempt
 
     def _removed(self, answer: dict[str, Any], entry: _Pending) -> None:

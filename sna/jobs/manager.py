@@ -42,7 +42,7 @@ from zope.interface import implementer
 from sna.config import ConfigError, Settings
 from sna.contract.secrets import Masker
 from sna.jobs import replication
-from sna.jobs.janitor import SnapshotJanitor
+from sna.jobs.janitor import Leftover, SnapshotJanitor
 from sna.jobs.leftovers import ILeftoverClients, LeftoverClients
 from sna.jobs.model import (
     BackupRequest,
@@ -134,6 +134,23 @@ class ShaLookupFailed(JobError):
 
 class ShuttingDown(JobError):
     code = "shutting_down"
+
+
+class SnapshotPending(JobConflict):
+    """A snapshot an earlier job left on the VM could not be removed before this one."""
+
+    code = "snapshot_pending"
+
+    def __init__(self, vm_path: str, leftovers: Sequence[Leftover]) -> None:
+        self.leftovers = list(leftovers)
+        names = "; ".join(
+            f"snapshot {left.name} of job {left.job_id} could not be removed: {left.reason}"
+            for left in leftovers
+        )
+        super().__init__(
+            f"VM {vm_path} still has a snapshot an earlier job left, which would break "
+            f"this backup: {names}; nothing was started"
+        )
 
 
 class StorageUnavailable(JobError):
@@ -672,6 +689,11 @@ class JobManager:
 
     async def _prepare(self, request: BackupRequest) -> BackupRequest:
         """``request`` with its previous change IDs, once every target has answered."""
+        # A snapshot an earlier job left on this VM is removed first, while the
+        # targets are probed (sna.jobs.janitor).
+        clearing: Deferred[list[Leftover]] = succeed([])
+        if self._janitor is not None:
+            clearing = self._janitor.clear_for(request)
         # The SHA is asked while the targets are probed: neither waits for the other.
         asking: Deferred[dict[int, Lookup]] = succeed({})
         # A replication starts from sna's own chain (sna.jobs.replication), not the SHA's.
@@ -693,8 +715,19 @@ class JobManager:
                 assert result.error is not None
                 self._on_probe_failure(result.error.reason)
             raise TargetUnreachable(failures)
+        leftovers = await clearing
         if self._stopping:
             raise ShuttingDown("sna is shutting down")
+        if leftovers:
+            refusal = SnapshotPending(request.vm_path, leftovers)
+            self.log.error(
+                "job {job_id} refused: {message}",
+                job_id=request.job_id,
+                vm_path=request.vm_path,
+                old_job_ids=[left.job_id for left in leftovers],
+                message=refusal.message,
+            )
+            raise refusal
         return self._with_previous(request, answers)
 
     async def _launch(self, managed: ManagedJob, request: BackupRequest) -> Job:

@@ -214,9 +214,9 @@ def confine(case: Any, testbed: Testbed, jobs: dict[str, Any], real: bool, pick:
         if case.operation.path == "/api/v1/enrollment/enroll" and real:
             # A hub on loopback that is not there: the enrollment starts (202, or 409
             # once one is under way) and retries until DELETE /api/v1/enrollment.
-            case.body.update(ENROLLMENT)
-            for name in ("tls_ca_file", "tls_pin_sha256", "ssh_user"):
-                case.body.pop(name, None)
+            # Exactly that: what else was generated (a body that is not even JSON, a
+            # name too long) would make every "real" case a refusal too.
+            case.body = dict(ENROLLMENT)
     if real and case.operation.tags == ["vsphere"] and case.method == "GET":
         case.headers.update({"X-vCenter-User": vc["user"], "X-vCenter-Password": vc["password"]})
         case.headers.pop("X-vCenter-Thumbprint", None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,14 +30,16 @@ import pytest
 from tests.integration.backup_helpers import (
     SBC,
     MiB,
+    assert_completed,
     backup_request,
     by_key,
     client_gone,
+    compare,
     follow,
     snapshots,
     wait_running_until,
 )
-from tests.integration.harness import Daemon, JobIds, wait_for
+from tests.integration.harness import Daemon, JobIds, Response, doubles_of, wait_for
 from tests.integration.test_backup_client import Run, run_client
 from tests.integration.test_nbd_jobs import metric
 from tests.testbed import Testbed, testbed_fixture
@@ -57,6 +60,7 @@ SPEC: dict[str, Any] = {
         {"name": "hubvm", "cbt_enabled": True, "disks": [{"capacity_bytes": DATA}]},
         {"name": "e2ehub", "cbt_enabled": True, "disks": [{"capacity_bytes": DATA}]},
         {"name": "e2evc", "cbt_enabled": True, "disks": [{"capacity_bytes": DATA}]},
+        {"name": "e2enext", "cbt_enabled": True, "disks": [{"capacity_bytes": DATA}]},
     ],
 }
 
@@ -315,6 +319,58 @@ def test_a_snapshot_the_client_could_not_remove_is_pending_until_the_janitor_has
     assert metric(sna, "sna_snapshots_pending") == 0
 
 
+def test_the_next_backup_of_the_vm_removes_the_pending_snapshot_first_and_completes(
+    data: Testbed, daemon_factory: Callable[..., Daemon], job_ids: JobIds
+) -> None:
+    """A job ends with its snapshot pending (vCenter paused); the SHA starts the next
+    backup of the same VM before the janitor got it removed: the start waits for the
+    removal, then the job runs and its copy is byte-exact.  (The next backup used to
+    start at once, on the delta disk the old snapshot left.)"""
+    tb = data
+    tb.write("e2enext", 2000, 0, DATA, seed=11)
+    sna = quick_sna(daemon_factory, name="next")
+    old = job_ids("leftover")
+    started = sna.api.start(backup_request(tb, "e2enext", old, targets_of(tb, "e2enext"), "full"))
+    wait_running_until(sna.api, old, copying, "the copy to begin")
+    new = job_ids("next")
+    targets = targets_of(tb, "e2enext")
+    answers: list[Response] = []
+    start = threading.Thread(
+        target=lambda: answers.append(
+            sna.api.post(
+                "/api/v1/backup/start",
+                backup_request(tb, "e2enext", new, targets, "full"),
+                timeout=120.0,
+            )
+        ),
+        # A failing test does not wait for the answer.
+        daemon=True,
+    )
+    with tb.pause_vcenter():
+        final = follow(sna.api, old).final
+        assert final["status"] == "failed", final
+        assert final["snapshot"]["state"] == "pending", final
+        wait_for(lambda: client_gone(started["pid"], old), "the failed client to be reaped")
+        start.start()
+        # The start waits for vCenter to remove the old snapshot; nothing of it runs yet.
+        wait_for(
+            lambda: f"job {new} is to back up VM" in sna.output(),
+            "sna to remove the old snapshot before the new job",
+        )
+        assert f"removing snapshot sbak-{old} of job {old} first" in sna.output()
+        assert not answers and new not in sna.api.job_ids()
+    start.join(timeout=150.0)
+    [answer] = answers
+    assert answer.status == 200, answer
+    removed = sna.api.status(old)["snapshot"]
+    assert (removed["state"], removed["removed_by"]) == ("removed", "sna"), removed
+    run = follow(sna.api, new)
+    assert_completed(run)
+    assert run.final["snapshot"]["state"] == "removed", run.final
+    compare(tb, "e2enext", 2000, targets[2000]["qcow2"])
+    assert snapshots(tb, "e2enext") == []
+
+
 def test_a_killed_vcenter_leaves_the_snapshot_pending_and_the_janitor_trying(
     lone_testbed: Testbed, daemon_factory: Callable[..., Daemon], job_ids: JobIds
 ) -> None:
@@ -345,3 +401,28 @@ def test_a_killed_vcenter_leaves_the_snapshot_pending_and_the_janitor_trying(
     assert snapshot["next_attempt"] is not None, snapshot
     assert f"{tb.vcenter['host']}:{tb.vcenter['port']}" in snapshot["reason"], snapshot
     assert not snapshot["needs_credentials"], snapshot
+
+    # The next backup of the VM, before the janitor's next attempt: it tries the removal
+    # at once, vCenter does not answer, and it is refused with nothing started.
+    sna.api.wait_spare_ready()
+    spares = sna.api.spares_ready()
+    new = job_ids("vckill-next")
+    answer = sna.api.post(
+        "/api/v1/backup/start", backup_request(tb, "lonevm", new, targets_of(tb, "lonevm"), "full")
+    )
+    assert answer.status == 409, answer
+    refusal = answer.json()
+    assert refusal["error"] == "snapshot_pending", refusal
+    message = refusal["message"]
+    assert message.startswith(f"VM {tb.vm('lonevm')['path']} still has a snapshot"), message
+    assert f"snapshot sbak-{job} of job {job} could not be removed" in message, message
+    assert f"{tb.vcenter['host']}:{tb.vcenter['port']}" in message, message
+    assert message.endswith("; nothing was started"), message
+    assert tb.vcenter["password"] not in message
+    assert sna.api.status(job)["snapshot"]["removal_attempts"] > snapshot["removal_attempts"]
+    assert sna.api.get(f"/api/v1/status/{new}").status == 404
+    assert new not in sna.api.job_ids()
+    assert not [r for r in sna.api.get("/api/v1/relays").json()["relays"] if r["job_id"] == new]
+    assert doubles_of({new}) == []
+    assert sna.api.spares_ready() == spares
+    assert f"job {new} refused: VM " in sna.output()
