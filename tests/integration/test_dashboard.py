@@ -427,8 +427,11 @@ def test_the_real_client_s_backup_shows_part_way_while_its_target_is_held_then_c
     readings: list[tuple[float, float]] = []
 
     def ended() -> bool:
+        # The status first: the page sets it and the bars in one go, so bars read after
+        # a "completed" are the final ones (read before, they may be a poll older).
+        completed = card.get_attribute("data-status") == "completed"
         readings.append((bar_value(overall), bar_value(bars[2001])))
-        return card.get_attribute("data-status") == "completed"
+        return completed
 
     wait_for(ended, "the page to show the job completed", PAGE_DEADLINE)
     final = sna.api.status(job)
