@@ -394,13 +394,30 @@ class EnrollmentService(Service):
     def _hub(self, enrollment: Enrollment) -> Any:
         return self._hub_factory(enrollment.hub_url, enrollment.trust)
 
-    async def _enroll(self, enrollment: Enrollment, key: NodeKey, pairing_code: str) -> None:
+    def _fail(self, enrollment: Enrollment, reason: str) -> None:
+        self._move(enrollment.moved(model.FAILED, self._now(), reason))
+
+    def _hub_or_fail(self, enrollment: Enrollment) -> Any:
+        """The hub's client, or None once the enrollment failed for its TLS trust."""
         try:
-            hub = self._hub(enrollment)
+            return self._hub(enrollment)
         except (OSError, ValueError) as e:
-            self._move(
-                enrollment.moved(model.FAILED, self._now(), f"cannot use the hub's TLS trust: {e}")
-            )
+            self._fail(enrollment, f"cannot use the hub's TLS trust: {e}")
+            return None
+
+    @staticmethod
+    def _forgotten(enrollment: Enrollment, error: HubError) -> Optional[str]:
+        """Why the enrollment is over when the hub answers 404 for it; None otherwise."""
+        if error.status != 404:
+            return None
+        return (
+            f"the hub no longer knows enrollment {enrollment.hub_enrollment_id} "
+            f"({error.message}): enroll again with a new code"
+        )
+
+    async def _enroll(self, enrollment: Enrollment, key: NodeKey, pairing_code: str) -> None:
+        hub = self._hub_or_fail(enrollment)
+        if hub is None:
             return
         started = self._clock.seconds()
         attempt = 0
@@ -420,17 +437,17 @@ class EnrollmentService(Service):
                         f"the hub refused the pairing code ({e.message}): it is wrong, expired "
                         "or already used; get a new code on the hub and enroll again"
                     )
-                    self._move(enrollment.moved(model.FAILED, self._now(), reason))
+                    self._fail(enrollment, reason)
                     return
                 if e.final:
-                    self._move(enrollment.moved(model.FAILED, self._now(), e.message))
+                    self._fail(enrollment, e.message)
                     return
                 if self._clock.seconds() - started >= ENROLL_RETRY_WINDOW:
                     reason = (
                         f"the hub did not take the enroll request in {ENROLL_RETRY_WINDOW:g} s "
                         f"(last: {e.message}); enroll again with a new code"
                     )
-                    self._move(enrollment.moved(model.FAILED, self._now(), reason))
+                    self._fail(enrollment, reason)
                     return
                 attempt += 1
                 enrollment = self._note_error(enrollment, e.message)
@@ -460,14 +477,10 @@ class EnrollmentService(Service):
                 if isinstance(e, InvalidChallenge)
                 else f"cannot read the node's key {self._files.private_key}: {e}"
             )
-            self._move(enrollment.moved(model.FAILED, self._now(), reason))
+            self._fail(enrollment, reason)
             return
-        try:
-            hub = self._hub(enrollment)
-        except (OSError, ValueError) as e:
-            self._move(
-                enrollment.moved(model.FAILED, self._now(), f"cannot use the hub's TLS trust: {e}")
-            )
+        hub = self._hub_or_fail(enrollment)
+        if hub is None:
             return
         attempt = 0
         while True:
@@ -476,13 +489,7 @@ class EnrollmentService(Service):
                 break
             except HubError as e:
                 if e.final:
-                    reason = e.message
-                    if e.status == 404:
-                        reason = (
-                            f"the hub no longer knows enrollment {enrollment.hub_enrollment_id} "
-                            f"({e.message}): enroll again with a new code"
-                        )
-                    self._move(enrollment.moved(model.FAILED, self._now(), reason))
+                    self._fail(enrollment, self._forgotten(enrollment, e) or e.message)
                     return
                 attempt += 1
                 enrollment = self._note_error(enrollment, e.message)
@@ -496,28 +503,19 @@ class EnrollmentService(Service):
     async def _poll(self, enrollment: Enrollment, hub: Any = None) -> None:
         assert enrollment.hub_enrollment_id is not None
         if hub is None:
-            try:
-                hub = self._hub(enrollment)
-            except (OSError, ValueError) as e:
-                self._move(
-                    enrollment.moved(
-                        model.FAILED, self._now(), f"cannot use the hub's TLS trust: {e}"
-                    )
-                )
+            hub = self._hub_or_fail(enrollment)
+            if hub is None:
                 return
         while True:
             try:
                 status = await hub.result(enrollment.hub_enrollment_id)
             except HubError as e:
-                if e.status == 404:
-                    reason = (
-                        f"the hub no longer knows enrollment {enrollment.hub_enrollment_id} "
-                        f"({e.message}): enroll again with a new code"
-                    )
-                    self._move(enrollment.moved(model.FAILED, self._now(), reason))
+                forgotten = self._forgotten(enrollment, e)
+                if forgotten is not None:
+                    self._fail(enrollment, forgotten)
                     return
                 if e.final and e.status is None:  # TLS trust: polling again cannot help
-                    self._move(enrollment.moved(model.FAILED, self._now(), e.message))
+                    self._fail(enrollment, e.message)
                     return
                 enrollment = self._note_error(enrollment, e.message)
             else:
@@ -531,7 +529,7 @@ class EnrollmentService(Service):
                     return
                 if status == "expired":
                     reason = "the hub says the enrollment expired: enroll again with a new code"
-                    self._move(enrollment.moved(model.FAILED, self._now(), reason))
+                    self._fail(enrollment, reason)
                     return
                 if enrollment.last_error is not None:
                     enrollment = attrs.evolve(enrollment, last_error=None)
@@ -555,6 +553,6 @@ class EnrollmentService(Service):
         ]
         if missing:
             reason = f"the enrollment's files are missing ({', '.join(missing)}): forget it and enroll again"
-            self._move(enrollment.moved(model.FAILED, self._now(), reason))
+            self._fail(enrollment, reason)
             return
         self.on_approved(self.tunnel_settings(enrollment))
