@@ -51,6 +51,7 @@ from sna.vmware.interface import (
     CertificateRejected,
     Credentials,
     IVSphere,
+    NotFound,
     PermissionDenied,
     VSphereError,
     parse_address,
@@ -451,6 +452,23 @@ class SnapshotJanitor(Service):
                 name=entry.state.name,
                 reason=reason,
                 who=str(entry.who),
+            )
+            return
+        if isinstance(error, NotFound):
+            # The VM is gone from that path: deleted (its snapshots with it), or moved
+            # or renamed (they are still on it, where sna cannot name it).  Trying
+            # again cannot tell which, so it stops, and says so.
+            del self._pending[entry.job_id]
+            reason = (
+                f"{reason}: it was deleted, moved or renamed; sna stops trying. If it "
+                f"still exists, remove snapshot {entry.state.name} from it in vCenter"
+            )
+            self._update(entry, attempts=attempts, reason=reason, next_attempt=None)
+            self.log.warn(
+                "job {job_id}: snapshot {name} not removed: {reason}",
+                job_id=entry.job_id,
+                name=entry.state.name,
+                reason=reason,
             )
             return
         delay = self._later(entry, attempts, reason)

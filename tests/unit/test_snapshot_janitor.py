@@ -24,7 +24,13 @@ from sna.jobs.model import (
 )
 from sna.sbc import events
 from sna.testing import FakeVSphere
-from sna.vmware.interface import AuthenticationFailed, Credentials, TimedOut, Unreachable
+from sna.vmware.interface import (
+    AuthenticationFailed,
+    Credentials,
+    NotFound,
+    TimedOut,
+    Unreachable,
+)
 from tests.unit.test_process import REQUEST
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -192,6 +198,22 @@ def test_refused_credentials_wait_for_others() -> None:
     bench.janitor.offer(offered)
     assert bench.vcenter.who(1) == ("admin", "right", "backup-vm-1")
     assert bench.last.state == SNAPSHOT_REMOVED
+
+
+def test_a_vm_no_longer_at_its_path_ends_the_retries_and_says_what_to_check() -> None:
+    bench = Bench()
+    bench.vcenter.script = [NotFound("no VM at /DC1/vm/vm on vCenter vcenter.example.local")]
+    bench.janitor.job_ended(ended_job(), REQUEST)
+    state = bench.last
+    assert (state.state, state.attempts, state.next_attempt) == (SNAPSHOT_PENDING, 1, None)
+    assert state.reason is not None and state.reason.startswith("no VM at /DC1/vm/vm")
+    assert "remove snapshot sbak-backup-vm-1 from it in vCenter" in state.reason
+    assert bench.janitor.pending() == []
+    bench.clock.advance(10_000)
+    assert len(bench.vcenter.calls) == 1
+    # Credentials offered later do not start it again either.
+    bench.janitor.offer(Credentials("vcenter.example.local", 443, "admin", "pa55 word"))
+    assert len(bench.vcenter.calls) == 1
 
 
 def test_a_job_started_again_takes_over_its_own_snapshot() -> None:
