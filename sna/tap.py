@@ -303,8 +303,7 @@ class Options(usage.Options):
                 )
         self["sha-token"] = None
         if self["sha-token-file"] is not None:
-            if self["sha-url"] is None:
-                raise usage.UsageError("--sha-token-file needs --sha-url (or a tunnel)")
+            # Without --sha-url it is kept for the SHA an enrollment's tunnel brings.
             try:
                 self["sha-token"] = read_token(self["sha-token-file"])
             except OSError as e:

@@ -520,7 +520,7 @@ def test_the_sha_gets_the_bearer_token_when_one_is_configured(token: Any) -> Non
     assert headers.get("Authorization") == expected
 
 
-def test_sha_token_file_is_read_and_needs_the_sha(tmp_path: Path) -> None:
+def test_sha_token_file_is_read_and_checked(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     token_file.chmod(0o600)
@@ -529,8 +529,10 @@ def test_sha_token_file_is_read_and_needs_the_sha(tmp_path: Path) -> None:
         ["--sha-url", "http://127.0.0.1:8082", "--sha-token-file", str(token_file)]
     )
     assert options["sha-token"] == b"s3cret-token"
-    with pytest.raises(usage.UsageError, match="--sha-token-file needs --sha-url"):
-        Options().parseOptions(["--sha-token-file", str(token_file)])
+    # Without --sha-url: kept for the SHA an enrolled node's tunnel brings.
+    alone = Options()
+    alone.parseOptions(["--sha-token-file", str(token_file)])
+    assert (alone["sha-url"], alone["sha-token"]) == (None, b"s3cret-token")
     token_file.chmod(0o644)
     with pytest.raises(usage.UsageError, match=r"--sha-token-file: .* can be read"):
         Options().parseOptions(
