@@ -281,6 +281,10 @@ class Options(usage.Options):
         self["tunnel"] = _tunnel_settings(self, settings)
         if self["tunnel"] is not None and self["sha-url"] is None:
             self["sha-url"] = f"http://127.0.0.1:{self['tunnel'].sha_api_port}"
+        elif self["sha-url"] is None and EnrollmentFiles.under(self["state-dir"]).enrolled():
+            # An enrolled node's SHA from the start, so what the last run left for it
+            # (jobs it interrupted) is told too; a first approval brings it later.
+            self["sha-url"] = f"http://127.0.0.1:{DEFAULT_SHA_API_PORT}"
         self["nbd-ports"], self["nbd-hosts"] = settings.nbd_ports, settings.nbd_hosts
         self["max-jobs"], self["kill-grace"] = settings.max_jobs, settings.kill_grace
         if self["auth-token-file"] is not None:

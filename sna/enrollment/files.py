@@ -88,6 +88,19 @@ class EnrollmentFiles:
             raise
         self._sync_directory()
 
+    def enrolled(self) -> bool:
+        """Whether the record says the hub approved this node (``approved`` or ``active``).
+
+        For option parsing, before the database is open: the record is written
+        with every change of state (a missing or unreadable one says no).
+        """
+        try:
+            with open(self.record, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and record.get("status") in ("approved", "active")
+
     def write_record(self, record: dict[str, Any]) -> None:
         data = json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
         self.write(RECORD, data, 0o600)

@@ -440,6 +440,8 @@ def test_a_restart_while_active_brings_the_tunnel_back_without_the_hub(world: Wo
     assert after["fingerprint"] == status["fingerprint"]
     # From the stored enrollment alone: not one call to the hub's enrollment routes.
     assert world.double.calls() == calls
+    # Started without --sha-url, the enrolled node has its SHA from the start line on.
+    assert "the SHA at http://127.0.0.1:8082" in sna.output(), sna.output()[-3000:]
 
 
 def test_a_revoked_key_makes_the_tunnel_unenrolled_and_the_enrollment_approved(

@@ -43,6 +43,7 @@ from sna.enrollment.service import (
     TunnelByHand,
 )
 from sna.jobs.store import SCHEMA_VERSION, SQLiteJobStore
+from sna.tap import Options
 from sna.testing import SteppingClock
 from sna.tunnel.settings import TunnelSettings
 
@@ -574,3 +575,21 @@ def test_an_answer_after_the_enrollment_was_forgotten_changes_nothing(world: Wor
     assert world.tunnels == [] and world.store.load_enrollment() is None
     world.clock.advance(600)
     assert len(late) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "sha_url"), [("active", True), ("approved", True), ("failed", False)]
+)
+def test_an_enrolled_node_without_sha_url_gets_its_tunnel_s_from_the_start(
+    tmp_path: Path, status: str, sha_url: bool
+) -> None:
+    files = EnrollmentFiles.under(str(tmp_path))
+    files.prepare()
+    files.write_record({"id": "x", "status": status})
+    options = Options()
+    options.parseOptions(["--state-dir", str(tmp_path)])
+    assert options["sha-url"] == ("http://127.0.0.1:8082" if sha_url else None)
+    # An operator's own --sha-url is kept.
+    options = Options()
+    options.parseOptions(["--state-dir", str(tmp_path), "--sha-url", "http://127.0.0.1:9999"])
+    assert options["sha-url"] == "http://127.0.0.1:9999"
