@@ -148,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
 
     command("relays", "the NBD relays of running jobs")
     command("health", "the daemon's health; exit 1 when not healthy")
+    command("tunnel", "the SSH tunnel to the hub; exit 1 when configured and not up")
+    command("enrollment", "the node's enrollment with its hub; exit 1 when failed or rejected")
 
     vcenter = command("vcenter", "the vCenter certificates the daemon trusts")
     what = vcenter.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -453,6 +455,72 @@ def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK if healthy else EXIT_API
 
 
+def _rows(out: Output, rows: Sequence[tuple[str, object]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        if value is not None and value != "":
+            out.line(f"{name:<{width}} {fmt.printable(str(value))}")
+
+
+def cmd_tunnel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    answer = client.get("/api/v1/tunnel")
+    healthy = not answer.get("configured") or answer.get("state") == "up"
+    if out.json:
+        out.dump(answer)
+        return EXIT_OK if healthy else EXIT_API
+    if not answer.get("configured"):
+        out.line("no tunnel is configured (enroll the node, or start sna with --tunnel-*)")
+        return EXIT_OK
+    forwards = answer.get("forwards") or {}
+    refused = answer.get("refused_ports") or []
+    _rows(
+        out,
+        [
+            ("state", f"{answer.get('state')} since {answer.get('since')}"),
+            ("error", answer.get("last_error")),
+            ("hub", f"{answer.get('user')}@{answer.get('host')}:{answer.get('port')}"),
+            (
+                "forwards",
+                f"{forwards.get('count')}: NBD {forwards.get('nbd_ports')}, the hub's API "
+                f"{forwards.get('sha_api_port')}, the hub's {forwards.get('reverse_port')} to "
+                f"this API's {forwards.get('api_port')}",
+            ),
+            ("refused", ", ".join(str(port) for port in refused)),
+            ("logged in", "yes" if answer.get("authenticated") else "no"),
+            ("reconnects", answer.get("reconnects")),
+            ("ssh pid", answer.get("pid")),
+        ],
+    )
+    return EXIT_OK if healthy else EXIT_API
+
+
+def cmd_enrollment(client: Client, args: argparse.Namespace, out: Output) -> int:
+    answer = client.get("/api/v1/enrollment/status")
+    ok = answer.get("state") not in ("failed", "rejected")
+    if out.json:
+        out.dump(answer)
+        return EXIT_OK if ok else EXIT_API
+    if answer.get("state") == "not_enrolled":
+        out.line("the node is not enrolled (POST /api/v1/enrollment/enroll, docs/operations.md)")
+        return EXIT_OK
+    _rows(
+        out,
+        [
+            ("state", f"{answer.get('state')} since {answer.get('since')}"),
+            ("reason", answer.get("reason")),
+            ("retrying", answer.get("last_error")),
+            ("hub", answer.get("hub_url")),
+            ("enrollment", answer.get("enrollment_id")),
+            ("node", f"{answer.get('vma_name')} {answer.get('vma_version')}"),
+            ("fingerprint", answer.get("fingerprint")),
+            ("ssh", f"{answer.get('ssh_user')}@{answer.get('ssh_host')}:{answer.get('ssh_port')}"),
+            ("host key", answer.get("host_key_fingerprint")),
+            ("tunnel", answer.get("tunnel")),
+        ],
+    )
+    return EXIT_OK if ok else EXIT_API
+
+
 def _describe(answer: dict[str, Any], out: Output) -> None:
     cert = answer.get("certificate") or {}
     vcenter = answer.get("vcenter")
@@ -599,6 +667,8 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "relays": cmd_relays,
     "health": cmd_health,
+    "tunnel": cmd_tunnel,
+    "enrollment": cmd_enrollment,
     "vcenter": cmd_vcenter,
 }
 

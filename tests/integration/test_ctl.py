@@ -188,6 +188,14 @@ def test_health_and_what_each_exit_status_means(sna: Daemon, home: Path) -> None
     assert not [line for line in lines if line.startswith("tunnel")], lines
     assert all(re.match(r"snapshots \d+ pending removal$", line) for line in lines[4:-1]), lines
     assert json.loads(run_ctl(["--json", "health"], env).stdout)["status"] == "healthy"
+    # Neither tunnel nor enrollment here: said so, and no failure.
+    tunnel = run_ctl(["tunnel"], env)
+    assert (tunnel.returncode, tunnel.stdout) == (
+        0,
+        "no tunnel is configured (enroll the node, or start sna with --tunnel-*)\n",
+    )
+    enrollment = run_ctl(["enrollment"], env)
+    assert enrollment.returncode == 0 and enrollment.stdout.startswith("the node is not enrolled")
     # Nothing listens on port 1 of loopback: 3, but for health, whose check it fails (1).
     down = run_ctl(["jobs", "--url", "http://127.0.0.1:1"], env)
     assert down.returncode == 3

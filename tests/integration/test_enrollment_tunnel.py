@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ import pytest
 from tests.integration.harness import Daemon, wait_for
 from tests.integration.hub_double import HubDoubleProcess
 from tests.integration.sshhub import REVERSE_PORT, SSH_PORT, SshHub, missing_tools
+from tests.integration.test_ctl import ctl_env, run_ctl
 
 #: The production ports, free in the node's own namespace and the hub's.
 NBD_PORTS = range(10100, 10201)
@@ -378,10 +380,23 @@ def check_tunnel_carries(world: World) -> dict[str, Any]:
 
 
 def test_enrolled_from_scratch_the_tunnel_comes_up_and_the_enrollment_is_active(
-    world: World,
+    world: World, tmp_path: Path
 ) -> None:
     status = enroll(world)
-    assert status["tunnel"] == "up" and status["reason"] is None
+    # Active at the first login with the key; the tunnel's own state follows.
+    assert status["reason"] is None and status["tunnel"] in ("connecting", "up"), status
+
+    def tunnel_up() -> Optional[dict[str, Any]]:
+        now = answer(world.sna, STATUS)
+        return now if now["tunnel"] == "up" else None
+
+    status = wait_for(tunnel_up, "the enrollment's status to show the tunnel up")
+    # The operator's console tells the same.
+    shown = run_ctl(["enrollment"], ctl_env(world.sna, tmp_path))
+    assert shown.returncode == 0, shown
+    assert re.search(r"^state +active since ", shown.stdout, re.M), shown.stdout
+    assert f"fingerprint {status['fingerprint']}" in shown.stdout, shown.stdout
+    assert re.search(r"^tunnel +up$", shown.stdout, re.M), shown.stdout
     tunnel = check_tunnel_carries(world)
     # The enrollment's tunnel, in production shape: the hub's 443 with the pinned
     # host key, every forward on its production port, no ProxyCommand.

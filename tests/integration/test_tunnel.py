@@ -190,9 +190,17 @@ def test_sshd_killed_and_restarted_reconnects(
     told = run_ctl(["health"], ctl_env(daemon, tmp_path))
     assert told.returncode == 1, told
     assert re.search(r"^tunnel    down since \S+: ssh exited", told.stdout, re.M), told.stdout
+    shown = run_ctl(["tunnel"], ctl_env(daemon, tmp_path))
+    assert shown.returncode == 1, shown
+    assert re.search(r"^state +down since ", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^error +ssh exited", shown.stdout, re.M), shown.stdout
     hub.start_sshd()
     again = wait_state(daemon, "up")
     assert again["reconnects"] >= 1 and again["pid"] != first["pid"]
+    shown = run_ctl(["tunnel"], ctl_env(daemon, tmp_path))
+    assert shown.returncode == 0, shown
+    assert re.search(rf"^ssh pid +{again['pid']}$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^logged in +yes$", shown.stdout, re.M), shown.stdout
     assert metric(daemon, "sna_tunnel_reconnects_total") >= 1
     send(nbd.start, b"after the restart")
     wait_for(lambda: hub.received(nbd.start) == b"after the restart" or None, "bytes after")
