@@ -6,7 +6,10 @@ The Go SNA's request shape (``reference/upstream-contracts.md`` §1.3 #10):
 ``oma_url`` is taken and not used (sna reports to its ``--sha-url``).  Which
 VM a target belongs to: the one its ``vm_path`` names, else, with one VM,
 that VM, and with several, the VM at the same position (one target each, as
-the Go SNA paired them).  Every error is a 400 naming the field.
+the Go SNA paired them).  A ``device_path`` without a host
+(``nbd://:10100/x``, what the SHA sends when its ``SHA_NBD_HOST`` is unset)
+names the hub's port on the node's loopback, where the tunnel brings it.
+Every error is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from sna.jobs.replication import ReplicatedVM, ReplicationRequest, vcenter_key, 
 
 #: VMs one request may name (each is a job of its own, and ``--max-jobs`` still holds).
 MAX_VMS = 64
+#: A ``device_path`` without a host, ``nbd://:PORT/EXPORT``, and what it stands for.
+HOSTLESS = "nbd://:"
+TUNNEL_NBD = "nbd://127.0.0.1"
 
 
 def _vm_paths(body: Mapping[str, Any]) -> list[str]:
@@ -83,11 +89,16 @@ def _target(entry: Any, n: int, settings: Settings) -> tuple[NbdTarget, Any]:
         raise invalid(field, f"{field} is required (nbd://host:port/export)")
     if "," in device or "\0" in device or len(device) > MAX_FIELD:
         raise invalid(field, f"{field} is not an nbd://host:port/export URL")
+    device = device.strip()
+    if device.startswith(HOSTLESS):
+        # The SHA leaves the host out when its SHA_NBD_HOST is unset (migration.go):
+        # the node is to reach the hub's port where the tunnel brings it, its loopback.
+        device = TUNNEL_NBD + device[len("nbd://") :]
     try:
-        [target] = parse_targets(f"{key}:{device.strip()}", settings)
+        [target] = parse_targets(f"{key}:{device}", settings)
     except ApiError as e:
         reason = e.message.split("): ", 1)[-1]
-        raise invalid(field, f"{field} {device.strip()[:200]!r}: {reason}") from None
+        raise invalid(field, f"{field} {device[:200]!r}: {reason}") from None
     disk_id = entry.get("vm_disk_id")
     if disk_id is not None and (isinstance(disk_id, bool) or not isinstance(disk_id, int)):
         raise invalid(f"{where}.vm_disk_id", f"{where}.vm_disk_id must be an integer")

@@ -153,7 +153,13 @@ def test_two_vms_full_then_incremental_into_the_same_targets(
 
     # The first run: one job per VM, named after the request's job_id; every disk in full.
     first = job_ids("first")
-    started = replicate(sna, replicate_body(tb, first, vms))
+    body = replicate_body(tb, first, vms)
+    # One target as the SHA sends it when its SHA_NBD_HOST is unset: no host, meaning
+    # the hub's port on the node's loopback.
+    hostless = body["nbd_targets"][-1]
+    hostless["device_path"] = hostless["device_path"].replace("nbd://127.0.0.1:", "nbd://:")
+    assert hostless["device_path"].startswith("nbd://:"), hostless
+    started = replicate(sna, body)
     assert [j["job_id"] for j in started["jobs"]] == [f"{first}-1", f"{first}-2"]
     group = sna.api.get(f"/api/v1/status/{first}")
     assert group.status == 200, group

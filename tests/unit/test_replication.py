@@ -550,3 +550,15 @@ def test_after_a_restart_the_request_s_end_goes_once_with_every_job_interrupted(
     ends = [m for m in store.outbox() if m.kind == "replication_end"]
     assert [json.loads(m.body)["status"] for m in ends] == ["failed"]
     assert all(j.status is JobStatus.INTERRUPTED for j in manager.jobs())
+
+
+def test_a_device_path_without_a_host_is_the_hub_s_port_through_the_tunnel() -> None:
+    """The SHA sends nbd://:PORT/EXPORT when its SHA_NBD_HOST is unset (migration.go)."""
+    value = body()
+    value["nbd_targets"][0]["device_path"] = "nbd://:10100/vol-1"
+    [vm] = parse_replicate_request(value, SETTINGS).vms
+    first = vm.targets[0]
+    assert (first.host, first.port, first.export) == ("127.0.0.1", 10100, "vol-1")
+    # Only the host may be left out: the port is the hub's to say.
+    value["nbd_targets"][0]["device_path"] = "nbd://:/vol-1"
+    assert refused(value).body()["field"] == "nbd_targets[0].device_path"
