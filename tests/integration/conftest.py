@@ -8,6 +8,8 @@ hands out live for the session and are stopped at its end.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
@@ -94,3 +96,29 @@ def sna(shared_daemon: Daemon, job_ids: JobIds) -> Daemon:
         "the shared sna daemon died:\n" + shared_daemon.output()
     )
     return shared_daemon
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    """A loopback listener that answers every connection as an HTTP server would: not NBD."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=serve, name="not-nbd", daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()

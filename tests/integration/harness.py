@@ -570,3 +570,20 @@ def double_invocation(log_text: str) -> dict[str, Any]:
                 "password_in_env": password_flag == "true",
             }
     pytest.fail(f"no sbc-double invocation line in the job log:\n{log_text}")
+
+
+def metric(daemon: Daemon, name: str, *, missing: Optional[float] = 0.0, **labels: str) -> float:
+    """One sample of the daemon's ``GET /metrics``; ``missing`` when it has none
+    (``missing=None``: a test failure, for a metric that must be there)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = daemon.api.get("/metrics")
+    assert answer.status == 200, answer
+    assert answer.headers.get_content_type() == "text/plain"
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    if missing is None:
+        pytest.fail(f"no {name} in /metrics")
+    return missing

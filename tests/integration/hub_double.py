@@ -46,6 +46,8 @@ from twisted.internet import endpoints, reactor
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
+from tests.certs import self_signed
+
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"
 
 
@@ -370,45 +372,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def make_certificate(directory: str, name: str = "hub") -> tuple[str, str, str]:
     """A self-signed certificate for ``IP:127.0.0.1``: (cert path, key path, SHA-256 pin)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} double")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = os.path.join(directory, f"{name}.crt")
-    key_path = os.path.join(directory, f"{name}.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return cert_path, key_path, hashlib.sha256(der).hexdigest()
+    made = self_signed(directory, name)
+    return made.cert, made.key, made.sha256
 
 
 class HubDoubleProcess:

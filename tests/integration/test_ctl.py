@@ -28,6 +28,7 @@ from typing import Optional
 
 import pytest
 
+from tests.certs import self_signed
 from tests.integration.harness import (
     RUN_TOKEN,
     Daemon,
@@ -452,43 +453,8 @@ def test_watch_without_a_job_shows_each_new_one_and_how_it_ended(
 
 def _api_certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1, and its key (mode 0600, as the daemon wants)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sna-ctl test API")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "api-key.pem", directory / "api-cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+    made = self_signed(directory, "api")
+    return Path(made.key), Path(made.cert)
 
 
 def test_an_https_api_is_verified_against_the_ca_file(

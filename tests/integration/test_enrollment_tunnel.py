@@ -48,7 +48,7 @@ from typing import Any, Optional
 import attrs
 import pytest
 
-from tests.integration.harness import Daemon, wait_for
+from tests.integration.harness import Daemon, metric, wait_for
 from tests.integration.hub_double import HubDoubleProcess
 from tests.integration.sshhub import REVERSE_PORT, SSH_PORT, SshHub, missing_tools
 from tests.integration.test_ctl import ctl_env, run_ctl
@@ -317,13 +317,6 @@ def wait_state(sna: Daemon, path: str, *states: str) -> dict[str, Any]:
         pytest.fail(f"{path} never became {'/'.join(states)}: {last}\n{sna.output()[-5000:]}")
 
 
-def metric(sna: Daemon, name: str) -> float:
-    for line in sna.api.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    pytest.fail(f"no {name} in /metrics")
-
-
 def enroll(world: World, **overrides: Any) -> dict[str, Any]:
     """Enroll from scratch with the hub's real host key, approve on the hub, wait for ``active``."""
     double, sna = world.double, world.sna
@@ -372,7 +365,7 @@ def check_tunnel_carries(world: World) -> dict[str, Any]:
     health = answer(sna, "/api/v1/health")
     assert health["status"] == "healthy" and health["reason"] is None, health
     assert health["tunnel"]["state"] == "up" and health["tunnel"]["configured"] is True
-    assert metric(sna, "sna_tunnel_up") == 1
+    assert metric(sna, "sna_tunnel_up", missing=None) == 1
     return tunnel
 
 
@@ -480,7 +473,7 @@ def test_a_revoked_key_makes_the_tunnel_unenrolled_and_the_enrollment_approved(
     assert health["status"] == "degraded", health
     assert "the tunnel to the hub is not up (unenrolled)" in health["reason"]
     assert health["tunnel"]["state"] == "unenrolled"
-    assert metric(sna, "sna_tunnel_up") == 0
+    assert metric(sna, "sna_tunnel_up", missing=None) == 0
 
 
 def test_forgetting_the_enrollment_stops_its_tunnel(world: World) -> None:

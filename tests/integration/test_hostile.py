@@ -16,10 +16,8 @@ Nothing here asserts how long anything took.
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import io
-import ipaddress
 import json
 import os
 import re
@@ -41,6 +39,7 @@ from hypothesis import strategies as st
 
 from sna.api.app import SnaAPI
 from sna.api.http import MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_REQUEST_LINE, ConnectionLimits
+from tests.certs import self_signed
 from tests.integration.harness import (
     START_DEADLINE,
     Api,
@@ -877,45 +876,8 @@ def test_a_flood_is_answered_in_json_and_health_keeps_answering(hostile: Daemon)
 
 def _certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost, and its key (mode 0600)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sna test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+    made = self_signed(directory, "api", hosts=("127.0.0.1", "localhost"))
+    return Path(made.key), Path(made.cert)
 
 
 def test_the_api_over_tls_with_a_token(tmp_path: Path, own_daemons: list[Daemon]) -> None:

@@ -7,8 +7,6 @@ range, an error page, a chunked body, a cut body, nothing).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import ssl
 import threading
@@ -17,10 +15,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -29,6 +23,7 @@ from sna.backup.reactor import ClientReactor
 from sna.backup.readers import FolderReader, ReaderError
 from sna.backup.vsphere import SnapshotDisk
 from sna.contract.tls import TlsSettings, ssl_context, thumbprint_of
+from tests.certs import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -38,34 +33,8 @@ CLIENT = ClientReactor.of(reactor)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sna-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file, cert.public_bytes(serialization.Encoding.DER)
+    made = self_signed(directory)
+    return Path(made.cert), Path(made.key), made.der
 
 
 class ScriptedServer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,32 +88,6 @@ def sha_url() -> Iterator[str]:
     server.shutdown()
     server.server_close()
     thread.join(5)
-
-
-@pytest.fixture
-def http_port() -> Iterator[int]:
-    """A listener that answers every connection as an HTTP server would: not NBD."""
-    server = socket.create_server((HOST, 0))
-    server.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=serve, name="not-nbd", daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    server.close()
 
 
 class JsonDaemon(Daemon):

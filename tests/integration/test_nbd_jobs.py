@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from sna.contract.argv import option_value
 from tests.integration.harness import (
@@ -32,6 +31,7 @@ from tests.integration.harness import (
     cmdline,
     double_invocation,
     doubles_of,
+    metric,
     reaped,
     wait_for,
 )
@@ -63,32 +63,6 @@ MID_TRANSFER = 2 * -(-PAYLOAD_SIZE // SLOW_PIECES)
 
 
 # -- odd listeners --------------------------------------------------------------
-
-
-@pytest.fixture
-def http_port() -> Iterator[int]:
-    """A listener that answers every connection like an HTTP server would, then closes it."""
-    server = socket.create_server((HOST, 0))
-    server.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=serve, name="http-400", daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    server.close()
 
 
 class SilentServer:
@@ -134,18 +108,6 @@ def silent() -> Iterator[SilentServer]:
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def metric(daemon: Daemon, name: str, **labels: str) -> float:
-    """One sample of ``GET /metrics``; 0 when the daemon has not produced it yet."""
-    answer = daemon.api.get("/metrics")
-    assert answer.status == 200, answer
-    assert answer.headers.get_content_type() == "text/plain"
-    for family in text_string_to_metric_families(answer.text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def probe_failures(daemon: Daemon, reason: str) -> float:

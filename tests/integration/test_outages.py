@@ -39,9 +39,8 @@ from tests.integration.backup_helpers import (
     snapshots,
     wait_running_until,
 )
-from tests.integration.harness import Daemon, JobIds, Response, doubles_of, wait_for
+from tests.integration.harness import Daemon, JobIds, Response, doubles_of, metric, wait_for
 from tests.integration.test_backup_client import Run, run_client
-from tests.integration.test_nbd_jobs import metric
 from tests.testbed import Testbed, testbed_fixture
 from tests.testbed.procs import Paused
 
